@@ -1,0 +1,1 @@
+"""Job service: deployments and jobs over HTTP, stored natively in MongoDB."""

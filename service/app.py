@@ -1,0 +1,87 @@
+"""create_app(settings): the one place the service is assembled, for `serve` and the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from . import deployments, jobs
+from .database import (
+    DB,
+    Database,
+    cursor_secret,
+    embedded_server,
+    init_database,
+    make_client,
+)
+from .errors import RETRY_AFTER_S, DatabaseUnavailable, problem_middleware
+from .http import MAX_JSON_BODY, check_query, json_response
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+SPEC_PATHS = [
+    Path(__file__).resolve().parent.parent / "openapi.yaml",  # source checkout
+    Path("openapi.yaml").resolve(),  # container: WORKDIR holds it
+]
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start the embedded database if no MONGODB_URL is set; connect; create indexes."""
+    settings = app[SETTINGS]
+    async with contextlib.AsyncExitStack() as stack:
+        url = settings.mongodb_url
+        if url is None:
+            log.info("MONGODB_URL is not set: starting the embedded database")
+            url = await stack.enter_async_context(
+                embedded_server(settings.data_dir, settings.embedded_start_timeout_s)
+            )
+        client = make_client(url, settings)
+        stack.push_async_callback(client.close)
+        db = client[settings.mongodb_db]
+        await init_database(db)
+        app[DB] = Database(client, db, await cursor_secret(db, settings.cursor_secret))
+        log.info("database %r ready", settings.mongodb_db)
+        yield
+
+
+async def healthz(request: web.Request) -> web.Response:
+    check_query(request)
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    check_query(request)
+    try:
+        await request.app[DB].client.admin.command("ping")
+    except Exception as exc:
+        log.warning("readiness check failed: %s", exc.__class__.__name__)
+        raise DatabaseUnavailable(
+            "The database does not answer.", headers={"Retry-After": RETRY_AFTER_S}
+        ) from None
+    return json_response({"status": "ready"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    check_query(request)
+    for path in SPEC_PATHS:
+        if path.exists():
+            return web.Response(body=path.read_bytes(), content_type="application/yaml")
+    raise web.HTTPNotFound()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_JSON_BODY)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(database_ctx)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.yaml", openapi)
+    app.add_routes(deployments.routes)
+    app.add_routes(jobs.routes)
+    return app

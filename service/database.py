@@ -1,0 +1,177 @@
+"""Database lifecycle: the embedded server child process, the client, ids.
+
+The embedded server is SecantusDB's `secantusd-py`, started as a separate process and
+spoken to over the MongoDB wire protocol only: it is never imported (it is GPL-2.0 and an
+optional extra), so the service behaves the same against it and against a real MongoDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from beanie import init_beanie
+from pymongo import AsyncMongoClient, ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+
+from .models import DOCUMENT_MODELS
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+
+
+class EmbeddedDatabaseError(RuntimeError):
+    """The embedded database could not be started (missing, locked, crashed)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def find_secantusd() -> str:
+    """The daemon lives next to the interpreter in a venv, else on PATH."""
+    beside = Path(sys.executable).with_name("secantusd-py")
+    found = str(beside) if beside.exists() else shutil.which("secantusd-py")
+    if not found:
+        raise EmbeddedDatabaseError(
+            "MONGODB_URL is unset and the embedded database (secantusd-py) is not installed: "
+            "pip install 'jobservice[embedded]' or set MONGODB_URL."
+        )
+    return found
+
+
+async def wait_until_ready(url: str, timeout_s: float, proc: asyncio.subprocess.Process) -> None:
+    """Ping until the server answers; fail fast when the child process has died."""
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(url, serverSelectionTimeoutMS=500)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        while True:
+            if proc.returncode is not None:
+                raise EmbeddedDatabaseError(
+                    f"the embedded database exited with code {proc.returncode} at start; "
+                    "is another instance using the same DATA_DIR?"
+                )
+            with contextlib.suppress(Exception):
+                await client.admin.command("ping")
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise EmbeddedDatabaseError(f"the embedded database did not answer in {timeout_s}s")
+            await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str]:
+    """Run `secantusd-py` on a free loopback port with its files in `data_dir`; yield its URL."""
+    data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at start)
+    port = free_port()
+    log_file = (data_dir / "secantusd.log").open("ab")
+    # The port is chosen per start; storage persists across restarts.
+    proc = await asyncio.create_subprocess_exec(
+        find_secantusd(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--storage-path",
+        str(data_dir / "db"),
+        "--log-level",
+        "WARNING",
+        stdout=log_file,
+        stderr=log_file,
+        start_new_session=True,  # Ctrl-C reaches the service, which stops the child itself.
+    )
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    try:
+        await wait_until_ready(url, timeout_s, proc)
+        log.info(
+            "embedded database (SecantusDB secantusd-py, pid %d) on port %d, files in %s",
+            proc.pid,
+            port,
+            data_dir,
+        )
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log_file.close()
+        log.info("embedded database stopped")
+
+
+def make_client(url: str, settings: Settings) -> AsyncMongoClient[Doc]:
+    return AsyncMongoClient(
+        url,
+        tz_aware=True,
+        maxPoolSize=settings.mongodb_pool_size,
+        serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
+        connectTimeoutMS=settings.mongodb_timeout_ms,
+        appname="jobservice",
+    )
+
+
+async def init_database(db: AsyncDatabase[Doc]) -> None:
+    """Register the documents with Beanie, which creates their indexes."""
+    await init_beanie(database=db, document_models=DOCUMENT_MODELS)
+
+
+async def next_ids(db: AsyncDatabase[Doc], kind: str, count: int = 1) -> int:
+    """Reserve `count` consecutive ids for `kind` with one atomic `$inc`; return the first.
+
+    One shared counter document per kind keeps ids increasing across requests, restarts,
+    instances and bulk imports.
+    """
+    doc = await db.counters.find_one_and_update(
+        {"_id": kind},
+        {"$inc": {"seq": count}},
+        upsert=True,
+        return_document=ReturnDocument.AFTER,
+    )
+    assert doc is not None  # upsert always returns a document
+    return int(doc["seq"]) - count + 1
+
+
+async def cursor_secret(db: AsyncDatabase[Doc], configured: str | None) -> bytes:
+    """The key for signing cursors: configured, or one random key kept in the database."""
+    if configured:
+        return configured.encode()
+    doc = await db.meta.find_one_and_update(
+        {"_id": "cursor_secret"},
+        {"$setOnInsert": {"value": secrets.token_hex(32)}},
+        upsert=True,
+        return_document=ReturnDocument.AFTER,
+    )
+    assert doc is not None
+    return str(doc["value"]).encode()
+
+
+@dataclass
+class Database:
+    """What handlers need from the database: the client, the database, the cursor key."""
+
+    client: AsyncMongoClient[Doc]
+    db: AsyncDatabase[Doc]
+    cursor_key: bytes
+
+
+DB = web.AppKey("db", Database)

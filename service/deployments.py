@@ -1,0 +1,125 @@
+"""/deployments: a user's prepared program with its parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pymongo.asynchronous.database import AsyncDatabase
+
+from .database import DB, Doc, next_ids
+from .errors import Conflict, NotFound
+from .http import (
+    check_query,
+    if_match,
+    page_response,
+    path_id,
+    query_flag,
+    read_body,
+    record_response,
+)
+from .jobs import delete_jobs
+from .pagination import DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, parse_list_query
+from .schemas import DeploymentCreate, DeploymentPatch, public_deployment
+from .store import apply_update, fetch_page, field_updates, get_checked, now
+
+routes = web.RouteTableDef()
+DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
+
+
+# --- data layer -----------------------------------------------------------------------
+
+
+async def create_deployment(db: AsyncDatabase[Doc], body: DeploymentCreate) -> Doc:
+    doc = {"_id": await next_ids(db, "deployments"), **body.model_dump(), "created": now()}
+    doc["revision"] = 1
+    await db.deployments.insert_one(doc)
+    return doc
+
+
+async def patch_deployment(
+    db: AsyncDatabase[Doc], deployment_id: int, patch: DeploymentPatch, revision: int | None
+) -> Doc:
+    changes = patch.model_dump(exclude_unset=True)
+    if not changes:
+        return await get_checked(db.deployments, deployment_id, revision, "deployment")
+    update = field_updates(changes, DEFAULTS)
+    return await apply_update(
+        db.deployments, deployment_id, update, revision, lambda _: None, "deployment"
+    )
+
+
+async def delete_deployment(
+    db: AsyncDatabase[Doc], deployment_id: int, cascade: bool, revision: int | None
+) -> None:
+    """Delete; with `cascade`, its jobs too. Without, refuse while it has jobs.
+
+    Job creation re-checks its deployment after inserting (see jobs.create_job), and this
+    re-checks for jobs after deleting and puts the deployment back if one slipped in, so
+    no interleaving of the two leaves a job without its deployment.
+    """
+    doc = await get_checked(db.deployments, deployment_id, revision, "deployment")
+    if not cascade and await _has_jobs(db, deployment_id):
+        raise Conflict(_has_jobs_msg(deployment_id))
+    flt: dict[str, Any] = {"_id": deployment_id, "revision": doc["revision"]}
+    if (await db.deployments.delete_one(flt)).deleted_count == 0:
+        return await delete_deployment(db, deployment_id, cascade, revision)  # changed: retry
+    if cascade:
+        await delete_jobs(db, {"deployment_id": deployment_id})
+    elif await _has_jobs(db, deployment_id):
+        await db.deployments.insert_one(doc)
+        raise Conflict(_has_jobs_msg(deployment_id))
+
+
+async def _has_jobs(db: AsyncDatabase[Doc], deployment_id: int) -> bool:
+    return await db.jobs.find_one({"deployment_id": deployment_id}, {"_id": 1}) is not None
+
+
+def _has_jobs_msg(deployment_id: int) -> str:
+    return f"Deployment {deployment_id} still has jobs; delete them first or use ?cascade=true."
+
+
+# --- handlers -------------------------------------------------------------------------
+
+
+@routes.post("/deployments")
+async def create(request: web.Request) -> web.Response:
+    body = await read_body(request, DeploymentCreate)
+    doc = await create_deployment(request.app[DB].db, body)
+    return record_response(public_deployment(doc), 201, f"/deployments/{doc['_id']}")
+
+
+@routes.get("/deployments")
+async def list_all(request: web.Request) -> web.Response:
+    database = request.app[DB]
+    query = parse_list_query(
+        request.query, DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, database.cursor_key
+    )
+    page = await fetch_page(database.db.deployments, query, database.cursor_key)
+    return page_response(request, page, public_deployment)
+
+
+@routes.get("/deployments/{deployment_id}")
+async def get_one(request: web.Request) -> web.Response:
+    deployment_id = path_id(request, "deployment_id", "deployment")
+    check_query(request)
+    doc = await request.app[DB].db.deployments.find_one({"_id": deployment_id})
+    if doc is None:
+        raise NotFound(f"No deployment with id {deployment_id}.")
+    return record_response(public_deployment(doc))
+
+
+@routes.patch("/deployments/{deployment_id}")
+async def patch(request: web.Request) -> web.Response:
+    deployment_id = path_id(request, "deployment_id", "deployment")
+    body = await read_body(request, DeploymentPatch, patch=True)
+    doc = await patch_deployment(request.app[DB].db, deployment_id, body, if_match(request))
+    return record_response(public_deployment(doc))
+
+
+@routes.delete("/deployments/{deployment_id}")
+async def delete(request: web.Request) -> web.Response:
+    deployment_id = path_id(request, "deployment_id", "deployment")
+    cascade = query_flag(request, "cascade")
+    await delete_deployment(request.app[DB].db, deployment_id, cascade, if_match(request))
+    return web.Response(status=204)

@@ -1,0 +1,193 @@
+"""/jobs: runs of a deployment, and the rules of their status lifecycle."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from pymongo.asynchronous.database import AsyncDatabase
+
+from .database import DB, Doc, next_ids
+from .errors import Conflict, NotFound, Problem, invalid
+from .http import (
+    check_query,
+    if_match,
+    page_response,
+    path_id,
+    read_body,
+    record_response,
+)
+from .models import PREDECESSORS, TERMINAL, TaskStatus
+from .pagination import JOB_FILTERS, JOB_SORTS, parse_list_query
+from .schemas import JobCreate, JobPatch, public_job, rfc3339
+from .store import apply_update, fetch_page, field_updates, get_checked, now
+
+routes = web.RouteTableDef()
+DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
+TERMINAL_NAMES = sorted(str(s) for s in TERMINAL)
+
+
+# --- data layer -----------------------------------------------------------------------
+
+
+async def create_job(db: AsyncDatabase[Doc], body: JobCreate) -> Doc:
+    """Insert a PENDING job; its deployment must exist before and after the insert."""
+    if not await _deployment_exists(db, body.deployment_id):
+        raise _no_deployment(body.deployment_id)
+    started_at = body.started_at or now()
+    doc = {
+        "_id": await next_ids(db, "jobs"),
+        "job_name": body.job_name,
+        "user_id": body.user_id,
+        "deployment_id": body.deployment_id,
+        "started_at": started_at,
+        "finished_at": None,
+        "parameters": body.parameters,
+        "data": body.data,
+        "task_status": TaskStatus.PENDING.value,
+        "results": [],
+        "history": [{"task_status": TaskStatus.PENDING.value, "at": started_at}],
+        "revision": 1,
+    }
+    await db.jobs.insert_one(doc)
+    # A concurrent DELETE of the deployment may have passed its own check meanwhile.
+    if not await _deployment_exists(db, body.deployment_id):
+        await db.jobs.delete_one({"_id": doc["_id"]})
+        raise _no_deployment(body.deployment_id)
+    return doc
+
+
+async def _deployment_exists(db: AsyncDatabase[Doc], deployment_id: int) -> bool:
+    return await db.deployments.find_one({"_id": deployment_id}, {"_id": 1}) is not None
+
+
+def _no_deployment(deployment_id: int) -> Problem:
+    return invalid(["body", "deployment_id"], f"no deployment with id {deployment_id}")
+
+
+async def patch_job(
+    db: AsyncDatabase[Doc], job_id: int, patch: JobPatch, revision: int | None
+) -> Doc:
+    """One conditional update: the status transition, `finished_at` and fields together."""
+    changes = patch.model_dump(exclude_unset=True)
+    status: TaskStatus | None = changes.pop("task_status", None)
+    finished: datetime | None = changes.pop("finished_at", None)
+    if not changes and status is None and finished is None:
+        return await get_checked(db.jobs, job_id, revision, "job")
+    if status is not None and finished is not None and status not in TERMINAL:
+        raise invalid(["body", "finished_at"], "may only be given with FINISHED or ERROR")
+
+    update = field_updates(changes, DEFAULTS)
+    if status is not None:
+        # Never before started_at, even when started_at was given in the future.
+        at: Any = finished or {"$max": ["$started_at", {"$literal": now()}]}
+        update.filter["task_status"] = {"$in": PREDECESSORS[status]}
+        update.set["task_status"] = {"$literal": status.value}
+        update.set["history"] = {
+            "$concatArrays": [
+                {"$ifNull": ["$history", []]},
+                [{"task_status": {"$literal": status.value}, "at": at}],
+            ]
+        }
+        if status in TERMINAL:
+            update.set["finished_at"] = at
+    elif finished is not None:
+        update.filter["task_status"] = {"$in": TERMINAL_NAMES}
+        update.set["finished_at"] = {"$literal": finished}
+    if finished is not None:
+        update.filter["started_at"] = {"$lte": finished}
+
+    def explain(stored: Doc) -> Problem | None:
+        current = stored.get("task_status")
+        if status is not None and current not in PREDECESSORS[status]:
+            return Conflict(f"Cannot change task_status from {current} to {status.value}.")
+        if status is None and finished is not None and current not in TERMINAL_NAMES:
+            return Conflict(
+                f"finished_at can only be set on a FINISHED or ERROR job, not {current}."
+            )
+        if finished is not None and stored["started_at"] > finished:
+            return invalid(
+                ["body", "finished_at"], f"is before started_at ({rfc3339(stored['started_at'])})"
+            )
+        return None
+
+    return await apply_update(db.jobs, job_id, update, revision, explain, "job")
+
+
+async def delete_job(db: AsyncDatabase[Doc], job_id: int, revision: int | None) -> None:
+    flt: dict[str, Any] = {"_id": job_id}
+    if revision is not None:
+        flt["revision"] = revision
+    if (await db.jobs.delete_one(flt)).deleted_count == 0:
+        await get_checked(db.jobs, job_id, revision, "job")  # says 404 or 412
+        return await delete_job(db, job_id, revision)  # it existed after all: it changed
+    await delete_job_files(db, [job_id])
+
+
+async def delete_jobs(db: AsyncDatabase[Doc], flt: Doc) -> None:
+    """Delete every job matching `flt`, with its files."""
+    while ids := [d["_id"] async for d in db.jobs.find(flt, {"_id": 1}).limit(1000)]:
+        await db.jobs.delete_many({"_id": {"$in": ids}})
+        await delete_job_files(db, ids)
+
+
+async def delete_job_files(db: AsyncDatabase[Doc], job_ids: list[int]) -> None:
+    """Result files belong to their job; they go with it (GridFS lands with results.py)."""
+
+
+# --- handlers -------------------------------------------------------------------------
+
+
+@routes.post("/jobs")
+async def create(request: web.Request) -> web.Response:
+    body = await read_body(request, JobCreate)
+    doc = await create_job(request.app[DB].db, body)
+    return record_response(public_job(doc), 201, f"/jobs/{doc['_id']}")
+
+
+@routes.get("/jobs")
+async def list_all(request: web.Request) -> web.Response:
+    database = request.app[DB]
+    query = parse_list_query(request.query, JOB_FILTERS, JOB_SORTS, database.cursor_key)
+    page = await fetch_page(database.db.jobs, query, database.cursor_key)
+    return page_response(request, page, public_job)
+
+
+@routes.get("/deployments/{deployment_id}/jobs")
+async def list_for_deployment(request: web.Request) -> web.Response:
+    database = request.app[DB]
+    deployment_id = path_id(request, "deployment_id", "deployment")
+    filters = {k: v for k, v in JOB_FILTERS.items() if k != "deployment_id"}
+    fixed = {"deployment_id": deployment_id}
+    query = parse_list_query(request.query, filters, JOB_SORTS, database.cursor_key, fixed)
+    if not await _deployment_exists(database.db, deployment_id):
+        raise NotFound(f"No deployment with id {deployment_id}.")
+    page = await fetch_page(database.db.jobs, query, database.cursor_key)
+    return page_response(request, page, public_job)
+
+
+@routes.get("/jobs/{job_id}")
+async def get_one(request: web.Request) -> web.Response:
+    job_id = path_id(request, "job_id", "job")
+    check_query(request)
+    doc = await request.app[DB].db.jobs.find_one({"_id": job_id})
+    if doc is None:
+        raise NotFound(f"No job with id {job_id}.")
+    return record_response(public_job(doc))
+
+
+@routes.patch("/jobs/{job_id}")
+async def patch(request: web.Request) -> web.Response:
+    job_id = path_id(request, "job_id", "job")
+    body = await read_body(request, JobPatch, patch=True)
+    doc = await patch_job(request.app[DB].db, job_id, body, if_match(request))
+    return record_response(public_job(doc))
+
+
+@routes.delete("/jobs/{job_id}")
+async def delete(request: web.Request) -> web.Response:
+    job_id = path_id(request, "job_id", "job")
+    check_query(request)
+    await delete_job(request.app[DB].db, job_id, if_match(request))
+    return web.Response(status=204)

@@ -1,0 +1,205 @@
+"""List queries: filters, sorts, and keyset pagination with signed opaque cursors.
+
+A page is `filter AND (sort key, _id) beyond the last item`, read in index order with a
+limit, so a page deep in a large collection costs the same as the first on MongoDB.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+from multidict import MultiMapping
+from pydantic import TypeAdapter, ValidationError
+
+from .errors import bad_query
+from .models import TaskStatus
+from .schemas import to_millis
+
+DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
+FilterKind = Literal["str", "int", "after", "before", "status"]
+
+# query parameter -> (document field, kind)
+DEPLOYMENT_FILTERS: dict[str, tuple[str, FilterKind]] = {
+    "user_id": ("user_id", "str"),
+    "created_after": ("created", "after"),
+    "created_before": ("created", "before"),
+}
+JOB_FILTERS: dict[str, tuple[str, FilterKind]] = {
+    "user_id": ("user_id", "str"),
+    "deployment_id": ("deployment_id", "int"),
+    "task_status": ("task_status", "status"),
+    "started_after": ("started_at", "after"),
+    "started_before": ("started_at", "before"),
+    "finished_after": ("finished_at", "after"),
+    "finished_before": ("finished_at", "before"),
+}
+DEPLOYMENT_SORTS = {"id": "_id"}
+JOB_SORTS = {"id": "_id", "started_at": "started_at"}
+PAGING = {"limit", "cursor", "sort", "count"}
+
+_datetime = TypeAdapter(datetime)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class ListQuery:
+    filter: dict[str, Any] = field(default_factory=dict)
+    sort_field: str = "_id"
+    descending: bool = False
+    limit: int = DEFAULT_LIMIT
+    count: bool = False
+    after: tuple[Any, int] | None = None  # (sort value, _id) of the previous page's last item
+    fingerprint: str = ""  # what a cursor is bound to: the filters and the sort
+
+    def mongo_filter(self) -> dict[str, Any]:
+        if self.after is None:
+            return self.filter
+        value, last_id = self.after
+        op = "$lt" if self.descending else "$gt"
+        if self.sort_field == "_id":
+            keyset: dict[str, Any] = {"_id": {op: last_id}}
+        else:
+            keyset = {
+                "$or": [
+                    {self.sort_field: {op: value}},
+                    {self.sort_field: value, "_id": {op: last_id}},
+                ]
+            }
+        return {"$and": [self.filter, keyset]} if self.filter else keyset
+
+    def mongo_sort(self) -> list[tuple[str, int]]:
+        direction = -1 if self.descending else 1
+        keys = [self.sort_field, "_id"] if self.sort_field != "_id" else ["_id"]
+        return [(k, direction) for k in keys]
+
+
+def parse_list_query(
+    params: MultiMapping[str],
+    filters: dict[str, tuple[str, FilterKind]],
+    sorts: dict[str, str],
+    key: bytes,
+    fixed: dict[str, Any] | None = None,
+) -> ListQuery:
+    """Validate every query parameter; anything unknown, repeated or malformed is a 400."""
+    for name in params:
+        if name not in filters and name not in PAGING:
+            raise bad_query(name, "unknown query parameter")
+        if name != "task_status" and len(params.getall(name)) > 1:
+            raise bad_query(name, "given more than once")
+    query = ListQuery(filter=dict(fixed or {}))
+    for name, (doc_field, kind) in filters.items():
+        if name in params:
+            _add_filter(query.filter, name, doc_field, kind, params.getall(name))
+    sort = params.get("sort", "id")
+    if sort.removeprefix("-") not in sorts:
+        raise bad_query("sort", f"must be one of {', '.join(_sort_names(sorts))}")
+    query.sort_field, query.descending = sorts[sort.removeprefix("-")], sort.startswith("-")
+    query.limit = _int_param(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    query.count = _bool_param(params, "count")
+    query.fingerprint = _fingerprint(params, sort, fixed)
+    if "cursor" in params:
+        query.after = decode_cursor(params["cursor"], query, key)
+    return query
+
+
+def _sort_names(sorts: dict[str, str]) -> list[str]:
+    return [n for s in sorts for n in (s, f"-{s}")]
+
+
+def _add_filter(
+    flt: dict[str, Any], name: str, doc_field: str, kind: FilterKind, values: list[str]
+) -> None:
+    value = values[0]
+    if kind == "str":
+        if not value or len(value) > 200:
+            raise bad_query(name, "must be 1 to 200 characters")
+        flt[doc_field] = value
+    elif kind == "int":
+        flt[doc_field] = _parse_int(name, value, 1, 2**63 - 1)
+    elif kind == "status":
+        allowed = [s.value for s in TaskStatus]
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise bad_query(name, f"{bad[0]!r} is not one of {', '.join(allowed)}")
+        flt[doc_field] = {"$in": sorted(set(values))}
+    else:
+        op = "$gte" if kind == "after" else "$lt"
+        flt.setdefault(doc_field, {})[op] = _parse_time(name, value)
+
+
+def _parse_time(name: str, value: str) -> datetime:
+    try:
+        parsed = _datetime.validate_python(value)
+    except ValidationError:
+        raise bad_query(name, "must be an RFC 3339 timestamp, e.g. 2026-11-29T16:00:00Z") from None
+    if parsed.tzinfo is None:
+        raise bad_query(name, "must include a time zone offset, e.g. 'Z'")
+    return to_millis(parsed)
+
+
+def _parse_int(name: str, value: str, low: int, high: int) -> int:
+    if not value.isascii() or not value.isdigit() or len(value) > 19:
+        raise bad_query(name, f"must be an integer from {low} to {high}")
+    number = int(value)
+    if not low <= number <= high:
+        raise bad_query(name, f"must be an integer from {low} to {high}")
+    return number
+
+
+def _int_param(params: MultiMapping[str], name: str, default: int, low: int, high: int) -> int:
+    return _parse_int(name, params[name], low, high) if name in params else default
+
+
+def _bool_param(params: MultiMapping[str], name: str) -> bool:
+    value = params.get(name, "false")
+    if value not in ("true", "false"):
+        raise bad_query(name, "must be true or false")
+    return value == "true"
+
+
+def _fingerprint(params: MultiMapping[str], sort: str, fixed: dict[str, Any] | None) -> str:
+    items = sorted((k, v) for k, v in params.items() if k not in PAGING)
+    canon = orjson.dumps([sort, items, sorted((fixed or {}).items())])
+    return base64.urlsafe_b64encode(hashlib.sha256(canon).digest()[:12]).decode()
+
+
+# --- cursors --------------------------------------------------------------------------
+
+
+def _sign(key: bytes, payload: bytes) -> str:
+    mac = hmac.new(key, payload, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+def encode_cursor(query: ListQuery, last: dict[str, Any], key: bytes) -> str:
+    value = last.get(query.sort_field) if query.sort_field != "_id" else None
+    if isinstance(value, datetime):
+        value = (value - EPOCH) // timedelta(milliseconds=1)
+    payload = orjson.dumps({"f": query.fingerprint, "v": value, "i": last["_id"]})
+    body = base64.urlsafe_b64encode(payload).decode().rstrip("=")
+    return f"{body}.{_sign(key, payload)}"
+
+
+def decode_cursor(cursor: str, query: ListQuery, key: bytes) -> tuple[Any, int]:
+    """Check signature and binding; the contents were written by us, so only trust them then."""
+    try:
+        body, mac = cursor.split(".")
+        payload = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (ValueError, binascii.Error):
+        raise bad_query("cursor", "not a cursor this service issued") from None
+    if not hmac.compare_digest(_sign(key, payload), mac):
+        raise bad_query("cursor", "not a cursor this service issued")
+    data = orjson.loads(payload)
+    if data["f"] != query.fingerprint:
+        raise bad_query("cursor", "belongs to other filters or another sort")
+    value = data["v"]
+    if query.sort_field != "_id":
+        value = EPOCH + timedelta(milliseconds=value)
+    return value, int(data["i"])

@@ -1,0 +1,203 @@
+"""What the API accepts and returns: create and patch bodies, list queries, public records.
+
+Bodies are parsed once (pydantic-core's JSON parser keeps integers exact, so a too-large
+integer is reported as such instead of silently becoming a float) and validated once.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, TypeVar
+
+import pydantic_core
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from .errors import MalformedJSON, ValidationFailed, error
+from .merge_patch import MAX_DATA_DEPTH, data_errors
+from .models import TaskStatus
+
+MAX_NAME = 200
+MAX_PARAMETERS = 64 * 1024
+
+
+def to_millis(value: datetime) -> datetime:
+    """UTC, truncated to the millisecond BSON stores, so what we answer is what we keep."""
+    value = value.astimezone(UTC)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def _require_string(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 timestamp string with a time zone offset")
+    return value
+
+
+def _aware(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("must include a time zone offset, e.g. 'Z' or '+02:00'")
+    return to_millis(value)
+
+
+Timestamp = Annotated[
+    datetime, Field(strict=False), BeforeValidator(_require_string), AfterValidator(_aware)
+]
+UserId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME)]
+Name = Annotated[StrictStr, Field(max_length=MAX_NAME)]
+Parameters = Annotated[StrictStr, Field(max_length=MAX_PARAMETERS)]
+PositiveId = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
+
+
+class Body(BaseModel):
+    """Strict request body: unknown and service-owned fields are refused by name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    owned: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_owned_fields(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            given = sorted(cls.owned & values.keys())
+            if given:
+                raise ValueError(f"{', '.join(given)}: set by the service, may not be given")
+        return values
+
+
+class DeploymentCreate(Body):
+    owned = frozenset({"deployment_id", "created", "revision"})
+    user_id: UserId
+    deployment_name: Name | None = None
+    parameters: Parameters = ""
+    data: Any = Field(default_factory=dict)
+
+
+class DeploymentPatch(Body):
+    owned = DeploymentCreate.owned | {"user_id"}
+    deployment_name: Name | None = None
+    parameters: Parameters | None = None
+    data: Any = None
+
+
+class JobCreate(Body):
+    owned = frozenset({"job_id", "revision", "history", "results", "task_status", "finished_at"})
+    user_id: UserId
+    deployment_id: PositiveId
+    job_name: Name | None = None
+    parameters: Parameters = ""
+    data: Any = Field(default_factory=dict)
+    started_at: Timestamp | None = None
+
+
+class JobPatch(Body):
+    owned = frozenset({"job_id", "revision", "history", "results"})
+    job_name: Name | None = None
+    parameters: Parameters | None = None
+    data: Any = None
+    task_status: Annotated[TaskStatus, Field(strict=False)] | None = None  # from its string
+    finished_at: Timestamp | None = None
+
+    @model_validator(mode="after")
+    def _no_nulls(self) -> JobPatch:
+        for name in ("task_status", "finished_at"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} may not be null")
+        return self
+
+
+M = TypeVar("M", bound=Body)
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return pydantic_core.from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise ValidationFailed(
+                f"body: nested deeper than {MAX_DATA_DEPTH} levels",
+                errors=[error(["body"], f"nested deeper than {MAX_DATA_DEPTH} levels")],
+            ) from None
+        raise MalformedJSON(f"The body is not valid JSON: {exc}") from None
+
+
+def validate_body(model: type[M], raw: bytes) -> M:
+    """Parse and validate a request body; every failure is a 400 or a 422 naming the field."""
+    obj = parse_json(raw)
+    if not isinstance(obj, dict):
+        raise ValidationFailed(
+            "body: must be a JSON object", errors=[error(["body"], "must be a JSON object")]
+        )
+    try:
+        parsed = model.model_validate(obj)
+    except ValidationError as exc:
+        raise ValidationFailed(_summary(errs := _errors(exc)), errors=errs) from None
+    if "data" in parsed.model_fields_set and (errs := data_errors(obj["data"], ["body", "data"])):
+        raise ValidationFailed(_summary(errs), errors=errs)
+    return parsed
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    out = []
+    for e in exc.errors(include_url=False, include_input=False):
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        out.append(error(["body", *e["loc"]], msg))
+    return out
+
+
+def _summary(errors: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+
+
+# --- public shape -------------------------------------------------------------------
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    """Always UTC, always milliseconds, always 'Z': one spelling for every timestamp."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+
+
+def public_deployment(doc: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "deployment_id": doc["_id"],
+        "deployment_name": doc.get("deployment_name"),
+        "user_id": doc["user_id"],
+        "created": rfc3339(doc["created"]),
+        "parameters": doc.get("parameters", ""),
+        "data": doc.get("data", {}),
+        "revision": doc.get("revision", 1),
+    }
+
+
+def public_job(doc: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "job_id": doc["_id"],
+        "job_name": doc.get("job_name"),
+        "user_id": doc["user_id"],
+        "deployment_id": doc["deployment_id"],
+        "started_at": rfc3339(doc["started_at"]),
+        "finished_at": rfc3339(doc.get("finished_at")),
+        "parameters": doc.get("parameters", ""),
+        "data": doc.get("data", {}),
+        "task_status": doc.get("task_status", "PENDING"),
+        "results": [{**r, "created": rfc3339(r.get("created"))} for r in doc.get("results") or []],
+        "history": [
+            {"task_status": h["task_status"], "at": rfc3339(h["at"])}
+            for h in doc.get("history") or []
+        ],
+        "revision": doc.get("revision", 1),
+    }
