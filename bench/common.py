@@ -1,0 +1,198 @@
+"""What every benchmark shares: a database, the service as a separate process, the table.
+
+Each benchmark module exposes `async def run(env: BenchEnv) -> list[Row]`. It measures
+the service and the driver side by side, in the same run, on the same database, and
+reports ratios, never pass/fail timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pymongo import AsyncMongoClient
+
+from service.database import find_secantusd, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Row:
+    bench: str
+    metric: str
+    service: float
+    driver: float | None = None  # the same work done directly with the driver
+    unit: str = ""
+    target: str = ""  # e.g. ">= 0.50" on the ratio, or "< 150" on the service figure
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.driver:
+            return None
+        return self.service / self.driver
+
+    @property
+    def met(self) -> str:
+        if not self.target:
+            return ""
+        op, bound = self.target.split()
+        value = self.ratio if self.driver is not None else self.service
+        if value is None:
+            return "?"
+        ok = {"<=": value <= float(bound), ">=": value >= float(bound), "<": value < float(bound)}
+        return "yes" if ok[op] else "NO"
+
+
+def print_table(rows: list[Row]) -> str:
+    header = ("bench", "metric", "service", "driver", "unit", "ratio", "target", "met")
+    lines = [header]
+    for r in rows:
+        lines.append(
+            (
+                r.bench,
+                r.metric,
+                f"{r.service:,.1f}",
+                "" if r.driver is None else f"{r.driver:,.1f}",
+                r.unit,
+                "" if r.ratio is None else f"{r.ratio:.2f}",
+                r.target,
+                r.met,
+            )
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append(
+            "| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
+        )
+        if n == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    text = "\n".join(out)
+    print(text, flush=True)
+    return text
+
+
+@dataclass
+class ServiceProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def rss_mb(self) -> float:
+        """Resident memory of the service process, from /proc (Linux)."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+@dataclass
+class BenchEnv:
+    mongodb_url: str
+    quick: bool = False  # smaller sizes, for a smoke run
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def db_name(self, label: str) -> str:
+        return f"bench_{label}_{uuid.uuid4().hex[:8]}"
+
+    def client(self, **kwargs: Any) -> AsyncMongoClient[dict[str, Any]]:
+        return AsyncMongoClient(self.mongodb_url, tz_aware=True, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def service(self, db_name: str, **env: str) -> AsyncIterator[ServiceProcess]:
+        """The service as its own process (so load never shares its event loop)."""
+        port = free_port()
+        proc_env = {
+            **os.environ,
+            "MONGODB_URL": self.mongodb_url,
+            "MONGODB_DB": db_name,
+            "LOG_LEVEL": "WARNING",
+            **env,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=proc_env,
+            cwd=ROOT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await _wait_http(f"{url}/readyz", proc)
+            yield ServiceProcess(url, proc)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            async with self.client() as c:
+                await c.drop_database(db_name)
+
+
+async def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("the service exited at start")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise RuntimeError("the service did not become ready")
+
+
+@contextlib.contextmanager
+def database() -> Iterator[str]:
+    """MONGODB_URL if set, else a fresh on-disk secantusd-py (on disk, as in production)."""
+    if url := os.environ.get("MONGODB_URL"):
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-db-") as tmp:
+        port = free_port()
+        proc = subprocess.Popen(
+            [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
+            + ["--storage-path", tmp, "--log-level", "ERROR"],
+        )
+        try:
+            from pymongo import MongoClient
+
+            url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+            probe: MongoClient[dict[str, Any]] = MongoClient(url, serverSelectionTimeoutMS=500)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    probe.admin.command("ping")
+                    break
+                except Exception:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("secantusd-py did not start") from None
+                    time.sleep(0.1)
+            probe.close()
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
