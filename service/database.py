@@ -23,6 +23,7 @@ from aiohttp import web
 from beanie import init_beanie
 from pymongo import AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from .models import DOCUMENT_MODELS
 from .settings import Settings
@@ -133,6 +134,8 @@ def make_client(url: str, settings: Settings) -> AsyncMongoClient[Doc]:
 async def init_database(db: AsyncDatabase[Doc]) -> None:
     """Register the documents with Beanie, which creates their indexes."""
     await init_beanie(database=db, document_models=DOCUMENT_MODELS)
+    for kind in ("deployments", "jobs"):
+        await ensure_counter(db, kind)
 
 
 async def next_ids(db: AsyncDatabase[Doc], kind: str, count: int = 1) -> int:
@@ -141,27 +144,28 @@ async def next_ids(db: AsyncDatabase[Doc], kind: str, count: int = 1) -> int:
     One shared counter document per kind keeps ids increasing across requests, restarts,
     instances and bulk imports.
     """
-    doc = await db.counters.find_one_and_update(
-        {"_id": kind},
-        {"$inc": {"seq": count}},
-        upsert=True,
-        return_document=ReturnDocument.AFTER,
-    )
-    assert doc is not None  # upsert always returns a document
-    return int(doc["seq"]) - count + 1
+    while True:
+        doc = await db.counters.find_one_and_update(
+            {"_id": kind}, {"$inc": {"seq": count}}, return_document=ReturnDocument.AFTER
+        )
+        if doc is not None:
+            return int(doc["seq"]) - count + 1
+        await ensure_counter(db, kind)  # first use on this database
+
+
+async def ensure_counter(db: AsyncDatabase[Doc], kind: str) -> None:
+    """Create the counter at 0 unless it exists; two instances may race here, both fine."""
+    with contextlib.suppress(DuplicateKeyError):
+        await db.counters.update_one({"_id": kind}, {"$setOnInsert": {"seq": 0}}, upsert=True)
 
 
 async def cursor_secret(db: AsyncDatabase[Doc], configured: str | None) -> bytes:
     """The key for signing cursors: configured, or one random key kept in the database."""
     if configured:
         return configured.encode()
-    doc = await db.meta.find_one_and_update(
-        {"_id": "cursor_secret"},
-        {"$setOnInsert": {"value": secrets.token_hex(32)}},
-        upsert=True,
-        return_document=ReturnDocument.AFTER,
-    )
-    assert doc is not None
+    while (doc := await db.meta.find_one({"_id": "cursor_secret"})) is None:
+        with contextlib.suppress(DuplicateKeyError):  # another instance won the race
+            await db.meta.insert_one({"_id": "cursor_secret", "value": secrets.token_hex(32)})
     return str(doc["value"]).encode()
 
 
