@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from pymongo.asynchronous.database import AsyncDatabase
+
 Doc = dict[str, Any]
 STATUSES = ["PENDING", "RUNNING", "FINISHED", "ERROR"]
 TERMINAL = {"FINISHED", "ERROR"}
@@ -93,6 +95,14 @@ def generate(n: int = 240, seed: int = 4) -> list[Doc]:
         sizes = [rnd.randrange(1, 10**6) for _ in range(rnd.choice([0, 0, 1, 3]))] if path else []
         deployment = rnd.choice(DEPLOYMENTS[:3])
         docs.append(job_doc(job_id, deployment, rnd.choice(USERS), started, path, sizes))
+    return docs
+
+
+async def load(db: AsyncDatabase[Doc]) -> list[Doc]:
+    """Insert the deployments and the generated jobs; return the jobs."""
+    docs = generate()
+    await db.deployments.insert_many([deployment_doc(d) for d in DEPLOYMENTS])
+    await db.jobs.insert_many(docs)
     return docs
 
 

@@ -20,8 +20,8 @@ from .stats_data import (
     DEPLOYMENTS,
     deployment_doc,
     expected_stats,
-    generate,
     job_doc,
+    load,
     rounded,
 )
 
@@ -39,10 +39,7 @@ async def db(client: Client, settings: Settings) -> AsyncIterator[AsyncDatabase[
 
 @pytest.fixture
 async def jobs(db: AsyncDatabase[Doc]) -> list[Doc]:
-    docs = generate()
-    await db.deployments.insert_many([deployment_doc(d) for d in DEPLOYMENTS])
-    await db.jobs.insert_many(docs)
-    return docs
+    return await load(db)
 
 
 async def get_stats(client: Client, path: str = "/stats/jobs", **params: Any) -> Doc:
