@@ -18,6 +18,7 @@ bench/results.py). Reading goes through the bucket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -62,7 +63,7 @@ routes = web.RouteTableDef()
 BUCKET = "fs"
 FILES, CHUNKS = f"{BUCKET}.files", f"{BUCKET}.chunks"
 CHUNK_SIZE = DEFAULT_CHUNK_SIZE  # 255 KiB, the GridFS default
-BATCH_CHUNKS = 16  # chunks per insert: ~4 MiB in memory per upload
+BATCH_CHUNKS = 16  # chunks per insert (~4 MiB); two batches in memory per upload
 MAX_SWAPS = 50  # compare-and-swap attempts; each failure means another writer got through
 METADATA_HEADER = "X-Result-Metadata"
 MAX_METADATA = 4096  # bytes of JSON in the header
@@ -217,13 +218,16 @@ async def write_file(
 ) -> tuple[ObjectId, int, str]:
     """Stream `read` into a new GridFS file; return its id, size and sha256.
 
-    Memory stays at one batch of chunks. On any failure (too large, connection lost,
-    cancelled) the chunks written so far are deleted before the error goes on.
+    One batch of chunks is being inserted while the next is read, so the network and
+    the database work at the same time and memory stays at two batches. On any failure
+    (too large, connection lost, cancelled) the insert in flight is let finish and
+    everything written is deleted before the error goes on.
     """
     file_id = ObjectId()
     digest = hashlib.sha256()
     size = n = 0
     batch: list[Doc] = []
+    inserting: asyncio.Future[Any] | None = None
     try:
         while True:
             data = await read(CHUNK_SIZE)
@@ -236,10 +240,14 @@ async def write_file(
                 n += 1
             last = len(data) < CHUNK_SIZE
             if batch and (last or len(batch) >= BATCH_CHUNKS):
-                await db[CHUNKS].insert_many(batch)
+                if inserting is not None:
+                    await asyncio.shield(inserting)
+                inserting = asyncio.ensure_future(db[CHUNKS].insert_many(batch))
                 batch = []
             if last:
                 break
+        if inserting is not None:
+            await asyncio.shield(inserting)
         await db[FILES].insert_one(
             {
                 "_id": file_id,
@@ -251,9 +259,17 @@ async def write_file(
             }
         )
     except BaseException:
-        await _cleanup(delete_files(db, [file_id]))
+        await _cleanup(_abandon(db, file_id, inserting))
         raise
     return file_id, size, digest.hexdigest()
+
+
+async def _abandon(db: AsyncDatabase[Doc], file_id: ObjectId, inserting: Any) -> None:
+    """Delete a partial file, after its last insert has landed (or failed)."""
+    if inserting is not None:
+        with contextlib.suppress(Exception):
+            await inserting
+    await delete_files(db, [file_id])
 
 
 async def _swap_in(db: AsyncDatabase[Doc], job_id: int, entry: Doc, max_results: int) -> Any:

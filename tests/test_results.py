@@ -6,12 +6,16 @@ import asyncio
 import hashlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 import pytest
+import yaml
 from aiohttp import ClientResponse, web
 from gridfs import AsyncGridFSBucket
+from openapi_schema_validator import OAS31Validator, validate
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
@@ -20,6 +24,9 @@ from service.results import CHUNK_SIZE
 from service.settings import Settings
 from tests.conftest import Client, create_deployment, create_job
 
+SPEC: dict[str, Any] = yaml.safe_load(
+    (Path(__file__).resolve().parent.parent / "openapi.yaml").read_text()
+)
 ENTRY_FIELDS = {"name", "content_type", "size", "sha256", "created", "metadata"}
 MiB = 1024 * 1024
 
@@ -61,6 +68,42 @@ async def wait_for(check: Callable[[], Awaitable[bool]], what: str) -> None:
 
 def pseudo_random(size: int, seed: int = 1) -> bytes:
     return random.Random(seed).randbytes(size)
+
+
+def _resolve(node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        target = SPEC
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part.replace("~1", "/")]
+        node = target
+    return node
+
+
+def _check(value: Any, schema: dict[str, Any]) -> None:
+    validate(value, {"components": SPEC["components"], **schema}, cls=OAS31Validator)
+
+
+async def conforms(resp: ClientResponse, template: str) -> bytes:
+    """Assert the response is one openapi.yaml documents for its operation; return the body."""
+    body = await resp.read()
+    operation = SPEC["paths"][template][resp.method.lower()]
+    assert str(resp.status) in operation["responses"], (resp.method, template, resp.status)
+    documented = _resolve(operation["responses"][str(resp.status)])
+    for name, header in documented.get("headers", {}).items():
+        header = _resolve(header)
+        assert name in resp.headers or not header.get("required"), (resp.status, name)
+        if name in resp.headers:
+            raw = resp.headers[name]
+            value = int(raw) if header["schema"].get("type") == "integer" else raw
+            _check(value, header["schema"])
+    content = documented.get("content")
+    if not content:
+        assert body == b"", (resp.status, body[:100])
+        return body
+    media = content.get(resp.content_type) or content["*/*"]
+    if resp.content_type.endswith("json"):
+        _check(orjson.loads(body), media["schema"])
+    return body
 
 
 # --- round trips ------------------------------------------------------------------------
@@ -462,6 +505,44 @@ async def test_too_many_results_is_409_but_replacing_works(small_client: Client)
     assert (await third.json())["type"] == "/problems/conflict"
     assert (await put(small_client, job_id, "b", b"22")).status == 200
     assert await counts(small_client) == (2, 2)
+
+
+async def test_responses_match_openapi(small_client: Client) -> None:
+    client = small_client
+    job_id = await new_job(client)
+    one = "/jobs/{job_id}/results/{name}"
+    listed = "/jobs/{job_id}/results"
+    meta = "X-Result-Metadata"
+    checks: list[tuple[str, str, str, dict[str, str], Any, int]] = [
+        ("PUT", one, url(job_id, "a b.csv"), {meta: '{"k": [1]}'}, b"1,2\n", 201),
+        ("PUT", one, url(job_id, "a b.csv"), {}, b"1,2,3\n", 200),
+        ("PUT", one, url(job_id, "empty"), {}, b"", 201),
+        ("PUT", one, url(job_id, "third"), {}, b"", 409),
+        ("PUT", one, url(job_id, "x") + "?q=1", {}, b"", 400),
+        ("PUT", one, url(job_id, "x"), {meta: "{"}, b"", 400),
+        ("PUT", one, url(job_id, "x"), {meta: "[]"}, b"", 422),
+        ("PUT", one, f"/jobs/{job_id}/results/a%00", {}, b"", 422),
+        ("PUT", one, url(999, "x"), {}, b"", 404),
+        ("PUT", one, url(job_id, "x"), {"Content-Type": "nope"}, b"", 415),
+        ("PUT", one, url(job_id, "a b.csv"), {}, b"x" * (3 * MiB + 1), 413),
+        ("GET", listed, f"/jobs/{job_id}/results", {}, None, 200),
+        ("GET", listed, "/jobs/999/results", {}, None, 404),
+        ("GET", listed, f"/jobs/{job_id}/results?x=1", {}, None, 400),
+        ("GET", one, url(job_id, "a b.csv"), {}, None, 200),
+        ("GET", one, url(job_id, "a b.csv"), {"Range": "bytes=1-2"}, None, 206),
+        ("GET", one, url(job_id, "a b.csv"), {"Range": "bytes=100-"}, None, 416),
+        ("GET", one, url(job_id, "a b.csv"), {"If-None-Match": "*"}, None, 304),
+        ("GET", one, url(job_id, "empty"), {}, None, 200),
+        ("GET", one, url(job_id, "nope"), {}, None, 404),
+        ("GET", one, f"/jobs/{job_id}/results/%0A", {}, None, 422),
+        ("DELETE", one, url(job_id, "a b.csv"), {}, None, 204),
+        ("DELETE", one, url(job_id, "a b.csv"), {}, None, 404),
+        ("DELETE", one, url(job_id, "empty") + "?x=1", {}, None, 400),
+    ]
+    for method, template, path, headers, body, status in checks:
+        resp = await client.request(method, path, headers=headers, data=body)
+        assert resp.status == status, (method, path, await resp.text())
+        await conforms(resp, template)
 
 
 # --- cut-off uploads and readers during a replace -----------------------------------------
