@@ -141,7 +141,10 @@ def _parse_time(name: str, value: str) -> datetime:
         raise bad_query(name, "must be an RFC 3339 timestamp, e.g. 2026-11-29T16:00:00Z") from None
     if parsed.tzinfo is None:
         raise bad_query(name, "must include a time zone offset, e.g. 'Z'")
-    return to_millis(parsed)
+    try:
+        return to_millis(parsed)
+    except ValueError as exc:
+        raise bad_query(name, str(exc)) from None
 
 
 def _parse_int(name: str, value: str, low: int, high: int) -> int:

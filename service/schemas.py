@@ -32,7 +32,10 @@ MAX_PARAMETERS = 64 * 1024
 
 def to_millis(value: datetime) -> datetime:
     """UTC, truncated to the millisecond BSON stores, so what we answer is what we keep."""
-    value = value.astimezone(UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is outside the years 0001 to 9999 in UTC") from None
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
@@ -168,7 +171,10 @@ def rfc3339(value: datetime | None) -> str | None:
         return None
     if value.tzinfo is not None:
         value = value.astimezone(UTC)
-    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T"
+        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond // 1000:03d}Z"
+    )
 
 
 def public_deployment(doc: dict[str, Any]) -> dict[str, Any]:
