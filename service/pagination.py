@@ -189,7 +189,7 @@ def decode_cursor(cursor: str, query: ListQuery, key: bytes) -> tuple[Any, int]:
         payload = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (ValueError, binascii.Error):
         raise bad_query("cursor", "not a cursor this service issued") from None
-    if not hmac.compare_digest(_sign(key, payload), mac):
+    if not hmac.compare_digest(_sign(key, payload).encode(), mac.encode()):
         raise bad_query("cursor", "not a cursor this service issued")
     data = orjson.loads(payload)
     if data["f"] != query.fingerprint:

@@ -121,7 +121,7 @@ async def test_cursor_is_bound_to_its_filters_and_sort(
 
 @pytest.mark.parametrize(
     "cursor",
-    ["", "x", "abc.def", "eyJmIjoxfQ.AAAA", "!!!.???", "a.b.c", "%FF", "eyJ4Ijp9.x"],
+    ["", "x", "abc.def", "eyJmIjoxfQ.AAAA", "!!!.???", "a.b.c", "%FF", "eyJ4Ijp9.x", "e30.%C3%84"],
 )
 async def test_tampered_cursors_are_400(
     client: Client, jobs: list[dict[str, Any]], cursor: str
