@@ -9,10 +9,11 @@ An upload writes a new GridFS file first and only then swaps the job's entry to 
 atomic update, so readers see the old file until the new one is complete; then the old
 file is deleted. An upload that fails or is cut off deletes what it wrote.
 
-Chunks are written here, in batches of a few MiB, rather than through the bucket's
-upload stream: that one buffers up to 48 MiB of chunk documents per upload before its
-first insert, which with the encoded message costs some 200 MB of memory (measured; see
-bench/results.py). Reading goes through the bucket.
+Chunks are written here, in batches of 4 MiB, rather than through the bucket's upload
+stream: that one buffers up to 48 MiB of chunk documents per upload before its first
+insert, which with the encoded message took a process to ~240 MB peak RSS for one
+64 MiB upload (measured once by hand; bench/results.py measures this module). Reading
+goes through the bucket.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def parse_metadata(header: str | None) -> dict[str, Any]:
         raise invalid(loc, "must be a JSON object")
     if errs := data_errors(value, loc):
         raise ValidationFailed(
-            "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errs), errors=errs
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs), errors=errs
         )
     return value
 
@@ -209,7 +210,7 @@ async def store_result(
         await _cleanup(delete_files(db, [file_id]))
         raise
     if old is not None:
-        await delete_files(db, [old])
+        await _cleanup(delete_files(db, [old]))
     return entry, old is not None
 
 
@@ -329,7 +330,7 @@ async def delete_result(db: AsyncDatabase[Doc], job_id: int, name: str) -> None:
         flt = {"_id": job_id, "results": {"$elemMatch": {"name": name, "file_id": file_id}}}
         update = {"$pull": {"results": {"name": name}}, "$inc": {"revision": 1}}
         if (await db.jobs.update_one(flt, update)).modified_count:
-            await delete_files(db, [file_id])
+            await _cleanup(delete_files(db, [file_id]))
             return
     raise Conflict(f"Result {name!r} of job {job_id} changed too often to delete; try again.")
 
@@ -349,14 +350,15 @@ async def delete_job_files(db: AsyncDatabase[Doc], job_ids: list[int]) -> None:
 
 
 async def _cleanup(work: Coroutine[Any, Any, None]) -> None:
-    """Finish `work` even when the request is cancelled meanwhile; log, never mask, failures."""
+    """Finish a deletion even if the request is cancelled meanwhile; log, don't raise, a
+    failure: the request's outcome is already decided and must not be masked by it."""
     task = asyncio.ensure_future(work)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("could not delete a partial result file")
+        log.exception("could not delete a result file")
 
 
 # --- HTTP helpers ---------------------------------------------------------------------

@@ -435,6 +435,7 @@ async def test_missing_job_and_missing_result_are_404(client: Client) -> None:
         ('"text"', 422),
         ('{"$set": 1}', 422),
         ('{"a.b": 1}', 422),
+        ('{"a": [{"$x": 1}]}', 422),
         ('{"big": "' + "x" * 5000 + '"}', 422),
     ],
 )
@@ -446,6 +447,21 @@ async def test_bad_metadata_changes_nothing(client: Client, header: str, status:
     assert body["errors"][0]["loc"][:2] == ["header", "X-Result-Metadata"]
     assert await counts(client) == (0, 0)
     assert (await (await client.get(f"/jobs/{job_id}")).json())["revision"] == 1
+
+
+async def test_metadata_header_in_raw_utf8(client: Client) -> None:
+    job_id = await new_job(client)
+    meta = '{"note": "café ✓"}'.encode()
+    status, _ = await raw_exchange(
+        client, f"PUT {url(job_id, 'r')}", b"x", b"X-Result-Metadata: " + meta + b"\r\n"
+    )
+    assert status == 201
+    entry = (await (await client.get(f"/jobs/{job_id}/results")).json())["items"][0]
+    assert entry["metadata"] == {"note": "café ✓"}
+    status, reply = await raw_exchange(
+        client, f"PUT {url(job_id, 's')}", b"x", b'X-Result-Metadata: {"a": "\xff"}\r\n'
+    )
+    assert status == 400 and b"/problems/malformed-json" in reply
 
 
 async def test_malformed_content_type_is_415(client: Client) -> None:
@@ -548,11 +564,13 @@ async def test_responses_match_openapi(small_client: Client) -> None:
 # --- cut-off uploads and readers during a replace -----------------------------------------
 
 
-async def raw_exchange(client: Client, request_line: str, body: bytes) -> tuple[int, bytes]:
+async def raw_exchange(
+    client: Client, request_line: str, body: bytes, extra: bytes = b""
+) -> tuple[int, bytes]:
     """One request over a raw socket (no client-side path folding); the status and reply."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
     head = f"{request_line} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-    writer.write(head.encode() + b"Connection: close\r\n\r\n" + body)
+    writer.write(head.encode() + extra + b"Connection: close\r\n\r\n" + body)
     reply = await reader.read()
     writer.close()
     return int(reply.split(b" ", 2)[1]), reply
