@@ -13,7 +13,7 @@ from urllib.parse import quote
 import orjson
 import pytest
 import yaml
-from aiohttp import ClientResponse, web
+from aiohttp import ClientPayloadError, ClientResponse, web
 from gridfs import AsyncGridFSBucket
 from openapi_schema_validator import OAS31Validator, validate
 from pymongo.asynchronous.database import AsyncDatabase
@@ -644,6 +644,25 @@ async def test_readers_see_the_old_file_until_the_new_one_is_complete(client: Cl
     after = await client.get(url(job_id, "r"))
     assert await after.read() == new
     assert (await counts(client))[0] == 1
+
+
+async def test_a_download_racing_a_replace_never_mixes_versions(client: Client) -> None:
+    """The old bytes in full, or a response cut short (fewer bytes than Content-Length)."""
+    job_id = await new_job(client)
+    old = pseudo_random(40 * MiB, seed=1)
+    await put(client, job_id, "r", old)
+    got = bytearray()
+    resp = await client.get(url(job_id, "r"))
+    assert resp.headers["Content-Length"] == str(len(old))
+    got += await resp.content.readexactly(MiB)
+    assert (await put(client, job_id, "r", b"new")).status == 200
+    try:
+        async for piece in resp.content.iter_chunked(MiB):
+            got += piece
+    except ClientPayloadError:
+        assert len(got) < len(old)
+    assert bytes(got) == old[: len(got)]
+    assert await (await client.get(url(job_id, "r"))).read() == b"new"
 
 
 # --- deleting ---------------------------------------------------------------------------
