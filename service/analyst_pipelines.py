@@ -30,7 +30,7 @@ class AnalystPipeline:
         return stages
 
     def markdown(self) -> str:
-        return f"### {self.title}\n\n{self.about}\n\n```js\n{self.text}\n```\n"
+        return f"#### {self.title}\n\n{self.about}\n\n```js\n{self.text}\n```\n"
 
 
 FAILURE_RATE = AnalystPipeline(

@@ -33,12 +33,11 @@ from .pagination import (
     DEPLOYMENT_SORTS,
     JOB_FILTERS,
     ListQuery,
-    encode_cursor,
     parse_filters,
     parse_list_query,
 )
 from .schemas import rfc3339
-from .store import Page
+from .store import Page, fetch_page
 
 routes = web.RouteTableDef()
 
@@ -316,18 +315,13 @@ DEPLOYMENT_FIELDS = {"deployment_name": 1, "user_id": 1}
 
 async def deployment_stats(db: AsyncDatabase[Doc], query: ListQuery, key: bytes) -> Page:
     """A keyset page of deployments (as `GET /deployments`), each with its job statistics."""
-    cursor = db.deployments.find(query.mongo_filter(), DEPLOYMENT_FIELDS)
-    docs = await cursor.sort(query.mongo_sort()).limit(query.limit + 1).to_list(None)
-    more = len(docs) > query.limit
-    items = docs[: query.limit]
-    next_cursor = encode_cursor(query, items[-1], key) if more else None
-    total = await db.deployments.count_documents(query.filter) if query.count else None
-    ids = [d["_id"] for d in items]
+    page = await fetch_page(db.deployments, query, key, DEPLOYMENT_FIELDS)
     stats = {}
-    if ids:
-        rows = await db.jobs.aggregate(deployment_stats_pipeline(ids))
+    if page.items:
+        rows = await db.jobs.aggregate(deployment_stats_pipeline([d["_id"] for d in page.items]))
         stats = {row["_id"]: row async for row in rows}
-    return Page([{**d, "stats": stats.get(d["_id"])} for d in items], next_cursor, total)
+    page.items = [{**d, "stats": stats.get(d["_id"])} for d in page.items]
+    return page
 
 
 def public_deployment_stats(doc: Doc) -> Doc:

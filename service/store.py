@@ -81,13 +81,7 @@ async def apply_update(
         )
         if doc is not None:
             return doc
-        stored = await collection.find_one({"_id": record_id})
-        if stored is None:
-            raise NotFound(f"No {what} with id {record_id}.")
-        if revision is not None and stored.get("revision") != revision:
-            raise PreconditionFailed(
-                f"If-Match requires revision {revision}, the {what} is at {stored.get('revision')}."
-            )
+        stored = await get_checked(collection, record_id, revision, what)
         problem = explain(stored)
         if problem is not None:
             raise problem
@@ -120,9 +114,15 @@ class Page:
     total: int | None
 
 
-async def fetch_page(collection: AsyncCollection[Doc], query: ListQuery, key: bytes) -> Page:
+async def fetch_page(
+    collection: AsyncCollection[Doc],
+    query: ListQuery,
+    key: bytes,
+    projection: dict[str, Any] | None = None,
+) -> Page:
     """One page in index order; one extra document tells whether there is a next page."""
-    cursor = collection.find(query.mongo_filter()).sort(query.mongo_sort()).limit(query.limit + 1)
+    cursor = collection.find(query.mongo_filter(), projection)
+    cursor = cursor.sort(query.mongo_sort()).limit(query.limit + 1)
     docs = await cursor.to_list(None)
     more = len(docs) > query.limit
     items = docs[: query.limit]

@@ -24,6 +24,7 @@ from .stats_data import (
     load,
     rounded,
 )
+from .test_openapi import conforms
 
 Doc = dict[str, Any]
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -397,3 +398,22 @@ async def test_deployment_stats_use_an_index(db: AsyncDatabase[Doc], jobs: list[
     explain = await db.command("explain", {"aggregate": "jobs", "pipeline": pipeline, "cursor": {}})
     stages = plan_stages(explain)
     assert "IXSCAN" in stages and "COLLSCAN" not in stages, stages
+
+
+# --- the spec ------------------------------------------------------------------------------
+
+
+async def test_responses_match_the_spec(client: Client, jobs: list[Doc]) -> None:
+    for params in [
+        {},
+        {"group_by": "deployment_id,user_id,task_status", "interval": "week", "tz": "Asia/Tokyo"},
+        {"user_id": "nobody"},
+        {"task_status": "PENDING", "group_by": "user_id"},
+    ]:
+        conforms(await get_stats(client, **params), "JobStats")
+    conforms(
+        await get_stats(client, "/stats/deployments", count="true", limit="2"),
+        "DeploymentStatsList",
+    )
+    resp = await client.get("/stats/jobs", params={"interval": "year"})
+    conforms(await resp.json(), "Problem")
