@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from .app import create_app
+from .auth import add_keys_command, keys_command
 from .database import EmbeddedDatabaseError
 from .settings import Settings
 
@@ -20,9 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", help="address to listen on (env HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (env PORT)")
+    add_keys_command(commands)
     args = parser.parse_args(argv)
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"invalid settings: {problems}", file=sys.stderr)
         return 2
+    if args.command == "keys":
+        return keys_command(args, settings)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import deployments, jobs
+from . import auth, deployments, jobs
 from .database import (
     DB,
     Database,
@@ -73,9 +73,14 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_JSON_BODY)
+    app = web.Application(
+        middlewares=[problem_middleware],
+        client_max_size=MAX_JSON_BODY,
+        handler_args=auth.HEADER_LIMITS,
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
+    auth.setup(app, settings)  # after the problem middleware and the database
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.yaml", openapi)

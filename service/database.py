@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 Doc = dict[str, Any]
 
 
+PORT_FILE = "secantusd.port"  # in DATA_DIR while the embedded server runs
+
+
 class EmbeddedDatabaseError(RuntimeError):
     """The embedded database could not be started (missing, locked, crashed)."""
 
@@ -101,8 +104,10 @@ async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str
         start_new_session=True,  # Ctrl-C reaches the service, which stops the child itself.
     )
     url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    port_file = data_dir / PORT_FILE
     try:
         await wait_until_ready(url, timeout_s, proc)
+        port_file.write_text(f"{port}\n")  # for `keys` commands
         log.info(
             "embedded database (SecantusDB secantusd-py, pid %d) on port %d, files in %s",
             proc.pid,
@@ -111,6 +116,7 @@ async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str
         )
         yield url
     finally:
+        port_file.unlink(missing_ok=True)
         if proc.returncode is None:
             proc.terminate()
             try:

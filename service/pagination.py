@@ -85,16 +85,24 @@ def parse_list_query(
     key: bytes,
     fixed: dict[str, Any] | None = None,
 ) -> ListQuery:
-    """Validate every query parameter; anything unknown, repeated or malformed is a 400."""
+    """Validate every query parameter; anything unknown, repeated or malformed is a 400.
+
+    `fixed` conditions always apply (a deployment's jobs, auth.owner_filter); cursors are
+    bound to them, so a cursor never crosses to another deployment or user.
+    """
     for name in params:
         if name not in filters and name not in PAGING:
             raise bad_query(name, "unknown query parameter")
         if name != "task_status" and len(params.getall(name)) > 1:
             raise bad_query(name, "given more than once")
-    query = ListQuery(filter=dict(fixed or {}))
+    given: dict[str, Any] = {}
     for name, (doc_field, kind) in filters.items():
         if name in params:
-            _add_filter(query.filter, name, doc_field, kind, params.getall(name))
+            _add_filter(given, name, doc_field, kind, params.getall(name))
+    fixed = fixed or {}
+    # A filter never widens what `fixed` (e.g. the caller's own records) allows.
+    clash = any(k in given and given[k] != v for k, v in fixed.items())
+    query = ListQuery(filter={"$and": [fixed, given]} if clash else {**given, **fixed})
     sort = params.get("sort", "id")
     if sort.removeprefix("-") not in sorts:
         raise bad_query("sort", f"must be one of {', '.join(_sort_names(sorts))}")
