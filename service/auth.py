@@ -44,6 +44,7 @@ from typing import Any
 import aiohttp
 import jwt
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pymongo import AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
@@ -137,6 +138,24 @@ async def body_deadline(request: web.Request) -> AsyncIterator[None]:
         raise RequestTimeout(
             "The request body did not arrive in time.", headers={"Connection": "close"}
         ) from None
+
+
+class RedactParseErrors(logging.Filter):
+    """aiohttp logs a malformed or oversized request line or header with its start, which
+    may be an Authorization header: keep the log line, drop the quoted bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.msg}: {exc.__class__.__name__} (its text is not logged)"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def install_log_redaction() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RedactParseErrors) for f in logger.filters):
+        logger.addFilter(RedactParseErrors())
 
 
 class FailureLimiter:
@@ -490,6 +509,7 @@ def setup(app: web.Application, settings: Settings) -> None:
     app[BODY_TIMEOUT] = settings.body_timeout_s
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(auth_ctx)
+    install_log_redaction()
 
 
 # --- command line: python -m service keys ... ------------------------------------------------
