@@ -1,0 +1,228 @@
+"""Two users and an admin against every endpoint: neither user can read, change, count or
+infer the other's records; the admin sees everything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.conftest import Client, Users
+
+Probe = tuple[str, str, Any, dict[str, str]]
+
+
+@dataclass
+class Seeded:
+    alice_dep: int
+    alice_job: int
+    bob_dep: int
+    bob_job: int
+
+
+async def created(client: Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    resp = await client.post(path, json=body)
+    assert resp.status == 201, await resp.text()
+    result: dict[str, Any] = await resp.json()
+    return result
+
+
+@pytest.fixture
+async def seeded(users: Users) -> Seeded:
+    ids = []
+    for client in (users.alice, users.bob):
+        dep = await created(client, "/deployments", {"deployment_name": "d", "data": {"k": 1}})
+        job = await created(client, "/jobs", {"deployment_id": dep["deployment_id"]})
+        ids += [dep["deployment_id"], job["job_id"]]
+    return Seeded(*ids)
+
+
+def record_probes(dep: int, job: int) -> list[Probe]:
+    """Every request that names one record: (method, path, JSON body, headers)."""
+    stale, fresh = {"If-Match": '"99"'}, {"If-Match": '"1"'}
+    return [
+        ("GET", f"/deployments/{dep}", None, {}),
+        ("PATCH", f"/deployments/{dep}", {"deployment_name": "x"}, {}),
+        ("PATCH", f"/deployments/{dep}", {"deployment_name": "x"}, stale),
+        ("PATCH", f"/deployments/{dep}", {"data": {"k": None}}, fresh),
+        ("PATCH", f"/deployments/{dep}", {}, {}),
+        ("DELETE", f"/deployments/{dep}", None, {}),
+        ("DELETE", f"/deployments/{dep}", None, stale),
+        ("DELETE", f"/deployments/{dep}?cascade=true", None, {}),
+        ("GET", f"/deployments/{dep}/jobs", None, {}),
+        ("GET", f"/deployments/{dep}/jobs?count=true&task_status=PENDING", None, {}),
+        ("GET", f"/jobs/{job}", None, {}),
+        ("PATCH", f"/jobs/{job}", {"task_status": "RUNNING"}, {}),
+        ("PATCH", f"/jobs/{job}", {"task_status": "FINISHED"}, {}),  # 409 if it were visible
+        ("PATCH", f"/jobs/{job}", {"finished_at": "2020-01-01T00:00:00Z"}, {}),
+        ("PATCH", f"/jobs/{job}", {"job_name": "x"}, stale),
+        ("PATCH", f"/jobs/{job}", {}, {}),
+        ("DELETE", f"/jobs/{job}", None, {}),
+        ("DELETE", f"/jobs/{job}", None, stale),
+        ("POST", "/jobs", {"deployment_id": dep}, {}),
+    ]
+
+
+async def answer(client: Client, probe: Probe) -> tuple[int, str, str, dict[str, str]]:
+    method, path, body, headers = probe
+    resp = await client.request(method, path, json=body, headers=headers)
+    kept = {k: v for k, v in resp.headers.items() if k not in ("Date", "Server")}
+    return resp.status, path, await resp.text(), kept
+
+
+async def snapshot(client: Client, seeded: Seeded) -> list[dict[str, Any]]:
+    out = []
+    for path in (
+        f"/deployments/{seeded.alice_dep}",
+        f"/jobs/{seeded.alice_job}",
+        "/deployments?count=true",
+        "/jobs?count=true",
+    ):
+        resp = await client.get(path)
+        assert resp.status == 200
+        out.append(await resp.json())
+    return out
+
+
+async def test_another_users_records_answer_exactly_like_missing_ones(
+    users: Users, seeded: Seeded
+) -> None:
+    probes = record_probes(seeded.alice_dep, seeded.alice_job)
+    before = await snapshot(users.alice, seeded)
+    answers = [await answer(users.bob, p) for p in probes]
+    assert all(a[0] in (404, 422) for a in answers), answers
+    assert await snapshot(users.alice, seeded) == before  # nothing changed
+
+    # Now make alice's records really missing: bob's view must not change one byte.
+    resp = await users.admin.delete(f"/deployments/{seeded.alice_dep}?cascade=true")
+    assert resp.status == 204
+    assert [await answer(users.bob, p) for p in probes] == answers
+
+
+async def test_the_owner_and_the_admin_can_use_the_same_requests(
+    users: Users, seeded: Seeded
+) -> None:
+    for client in (users.alice, users.admin):
+        resp = await client.get(f"/deployments/{seeded.alice_dep}")
+        assert resp.status == 200
+        resp = await client.get(f"/jobs/{seeded.alice_job}")
+        assert resp.status == 200
+        resp = await client.get(f"/deployments/{seeded.alice_dep}/jobs")
+        assert [j["job_id"] for j in (await resp.json())["items"]] == [seeded.alice_job]
+    resp = await users.admin.patch(f"/jobs/{seeded.bob_job}", json={"task_status": "RUNNING"})
+    assert resp.status == 200 and (await resp.json())["user_id"] == "bob"
+    resp = await users.admin.delete(f"/deployments/{seeded.bob_dep}?cascade=true")
+    assert resp.status == 204
+    assert (await users.bob.get(f"/jobs/{seeded.bob_job}")).status == 404
+
+
+async def list_of(client: Client, path: str) -> dict[str, Any]:
+    resp = await client.get(path)
+    assert resp.status == 200, await resp.text()
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["", "?count=true", "?sort=-id&count=true", "?limit=1&count=true", "?user_id=alice&count=true"],
+)
+async def test_lists_and_totals_only_show_your_own(
+    users: Users, seeded: Seeded, query: str
+) -> None:
+    deps = await list_of(users.bob, f"/deployments{query}")
+    jobs = await list_of(users.bob, f"/jobs{query}")
+    mine = "user_id=alice" not in query
+    assert [d["deployment_id"] for d in deps["items"]] == ([seeded.bob_dep] if mine else [])
+    assert [j["job_id"] for j in jobs["items"]] == ([seeded.bob_job] if mine else [])
+    assert deps["next_cursor"] is None and jobs["next_cursor"] is None
+    if "count" in query:
+        assert deps["total"] == jobs["total"] == (1 if mine else 0)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?deployment_id={alice_dep}&count=true",
+        "?task_status=PENDING&count=true",
+        "?started_after=2000-01-01T00:00:00Z&count=true",
+        "?sort=-started_at&count=true",
+        "?user_id=alice&deployment_id={alice_dep}&count=true",
+    ],
+)
+async def test_job_filters_never_reach_another_users_jobs(
+    users: Users, seeded: Seeded, query: str
+) -> None:
+    page = await list_of(users.bob, "/jobs" + query.format(alice_dep=seeded.alice_dep))
+    assert all(j["user_id"] == "bob" for j in page["items"])
+    assert page["total"] == len(page["items"]) <= 1
+
+
+async def test_the_admin_sees_and_counts_everyone(users: Users, seeded: Seeded) -> None:
+    deps = await list_of(users.admin, "/deployments?count=true")
+    assert deps["total"] == 2
+    assert {d["user_id"] for d in deps["items"]} == {"alice", "bob"}
+    jobs = await list_of(users.admin, "/jobs?user_id=alice&count=true")
+    assert [j["job_id"] for j in jobs["items"]] == [seeded.alice_job] and jobs["total"] == 1
+
+
+async def test_cursors_do_not_cross_users(users: Users, seeded: Seeded) -> None:
+    for _ in range(2):
+        await created(users.alice, "/deployments", {})
+        await created(users.bob, "/deployments", {})
+    for path in ("/deployments?limit=1", "/jobs?limit=1&sort=started_at"):
+        if path.startswith("/jobs"):
+            await created(users.alice, "/jobs", {"deployment_id": seeded.alice_dep})
+        cursor = (await list_of(users.alice, path))["next_cursor"]
+        assert cursor
+        own = await list_of(users.alice, f"{path}&cursor={cursor}")
+        assert all(d["user_id"] == "alice" for d in own["items"])
+        for other in (users.bob, users.admin):
+            resp = await other.get(f"{path}&cursor={cursor}")
+            assert resp.status == 400, await resp.text()
+            assert "cursor" in (await resp.json())["detail"]
+
+
+async def test_creating_for_another_user_is_403_and_stores_nothing(
+    users: Users, seeded: Seeded
+) -> None:
+    for path, body in [
+        ("/deployments", {"user_id": "alice"}),
+        ("/jobs", {"user_id": "alice", "deployment_id": seeded.alice_dep}),
+        ("/jobs", {"user_id": "alice", "deployment_id": seeded.bob_dep}),
+    ]:
+        resp = await users.bob.post(path, json=body)
+        assert resp.status == 403, await resp.text()
+        assert (await resp.json())["type"] == "/problems/forbidden"
+    assert await users.db.deployments.count_documents({}) == 2
+    assert await users.db.jobs.count_documents({}) == 2
+
+
+async def test_a_job_belongs_to_its_deployments_owner(users: Users, seeded: Seeded) -> None:
+    # Even an admin cannot attach bob's job to alice's deployment.
+    resp = await users.admin.post(
+        "/jobs", json={"user_id": "bob", "deployment_id": seeded.alice_dep}
+    )
+    assert resp.status == 422
+    assert (await resp.json())["errors"][0]["msg"] == (
+        f"no deployment with id {seeded.alice_dep} of user 'bob'"
+    )
+    job = await created(
+        users.admin, "/jobs", {"user_id": "alice", "deployment_id": seeded.alice_dep}
+    )
+    assert job["user_id"] == "alice"
+
+
+async def test_deleting_only_ever_touches_the_owners_records(users: Users, seeded: Seeded) -> None:
+    # A job of alice's on bob's deployment (left from a time auth was off).
+    legacy = {**(await users.db.jobs.find_one({"_id": seeded.alice_job}) or {}), "_id": 10_000}
+    await users.db.jobs.insert_one({**legacy, "deployment_id": seeded.bob_dep})
+    resp = await users.bob.delete(f"/deployments/{seeded.bob_dep}")
+    assert resp.status == 409  # his own job still there; alice's is not mentioned
+    assert "10000" not in await resp.text()
+    resp = await users.bob.delete(f"/deployments/{seeded.bob_dep}?cascade=true")
+    assert resp.status == 204
+    assert await users.db.jobs.find_one({"_id": seeded.bob_job}) is None
+    assert await users.db.jobs.find_one({"_id": 10_000}) is not None  # not bob's to delete
+    assert (await users.alice.get("/jobs/10000")).status == 200
