@@ -39,6 +39,7 @@ from service.auth import (
 from service.database import DB, PORT_FILE
 from service.settings import Settings
 from tests.conftest import Client, Users
+from tests.test_openapi import conforms
 
 ROOT = Path(__file__).resolve().parent.parent
 AuthClient = Callable[..., Awaitable[Client]]
@@ -540,3 +541,19 @@ async def test_no_key_appears_in_logs_or_responses(
     for secret in [key, *users.keys.values()]:
         assert secret not in text
         assert secret.split("_", 2)[2] not in text
+
+
+async def test_auth_problems_match_the_spec(
+    aiohttp_client: AuthClient, auth_settings: Settings
+) -> None:
+    settings = auth_settings.model_copy(update={"auth_failures_per_minute": 1})
+    client = await aiohttp_client(create_app(settings))
+    key = (settings.data_dir / ADMIN_KEY_FILE).read_text().strip()
+    alice, _ = await create_key(client.app[DB].db, "alice", admin=False)
+    resp = await client.post("/deployments", json={"user_id": "bob"}, headers=bearer(alice))
+    conforms(await problem(resp, 403, "forbidden"), "Problem")
+    resp = await client.get("/deployments")
+    conforms(await problem(resp, 401, "unauthorized"), "Problem")
+    resp = await client.get("/deployments", headers=bearer(key))
+    conforms(await problem(resp, 429, "too-many-requests"), "Problem")
+    assert int(resp.headers["Retry-After"]) >= 1
