@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import auth, deployments, jobs
+from . import auth, deployments, jobs, results
 from .database import (
     DB,
     Database,
@@ -86,4 +86,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/openapi.yaml", openapi)
     app.add_routes(deployments.routes)
     app.add_routes(jobs.routes)
+    results.setup(app, settings)
     return app

@@ -12,7 +12,8 @@ adopt the rules with one call each:
 - `same_owner(request, user_id)`: the filter a referenced record (a job's deployment) must
   match, so links never cross owners;
 - `require_admin(request)`: for endpoints about the whole service (e.g. /metrics);
-- `body_deadline(request)`: around every read of a request body (slow bodies end in 408).
+- `body_deadline(request)`: around every read of a whole request body (a slow body is 408);
+  `read_deadline(request, read)` for streamed bodies (each read within the deadline).
 
 API keys look like `jsk_<key_id>_<secret>`; the database keeps only a salted SHA-256 of
 the secret (the secret is 256 random bits, so a slow hash would add nothing). Verified
@@ -138,6 +139,19 @@ async def body_deadline(request: web.Request) -> AsyncIterator[None]:
         raise RequestTimeout(
             "The request body did not arrive in time.", headers={"Connection": "close"}
         ) from None
+
+
+def read_deadline(
+    request: web.Request, read: Callable[[int], Awaitable[bytes]]
+) -> Callable[[int], Awaitable[bytes]]:
+    """For streamed bodies (no total deadline: files may be large): each read must finish
+    within BODY_TIMEOUT_S, so a stalled upload ends in 408 instead of holding on forever."""
+
+    async def timed(n: int) -> bytes:
+        async with body_deadline(request):
+            return await read(n)
+
+    return timed
 
 
 class RedactParseErrors(logging.Filter):

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 
+from . import results
 from .auth import claim_owner, owner_filter, same_owner
 from .database import DB, Doc, next_ids
 from .errors import Conflict, NotFound, Problem, invalid
@@ -141,7 +142,8 @@ async def delete_jobs(db: AsyncDatabase[Doc], flt: Doc) -> None:
 
 
 async def delete_job_files(db: AsyncDatabase[Doc], job_ids: list[int]) -> None:
-    """Result files belong to their job; they go with it (GridFS lands with results.py)."""
+    """Result files belong to their job; they go with it."""
+    await results.delete_job_files(db, job_ids)
 
 
 # --- handlers -------------------------------------------------------------------------

@@ -35,6 +35,8 @@ async def seeded(users: Users) -> Seeded:
         dep = await created(client, "/deployments", {"deployment_name": "d", "data": {"k": 1}})
         job = await created(client, "/jobs", {"deployment_id": dep["deployment_id"]})
         ids += [dep["deployment_id"], job["job_id"]]
+        resp = await client.put(f"/jobs/{job['job_id']}/results/out.csv", data=b"a,b\n1,2\n")
+        assert resp.status == 201, await resp.text()
     return Seeded(*ids)
 
 
@@ -61,27 +63,39 @@ def record_probes(dep: int, job: int) -> list[Probe]:
         ("DELETE", f"/jobs/{job}", None, {}),
         ("DELETE", f"/jobs/{job}", None, stale),
         ("POST", "/jobs", {"deployment_id": dep}, {}),
+        ("GET", f"/jobs/{job}/results", None, {}),
+        ("GET", f"/jobs/{job}/results/out.csv", None, {}),
+        ("GET", f"/jobs/{job}/results/out.csv", None, {"Range": "bytes=0-1"}),
+        ("GET", f"/jobs/{job}/results/other.csv", None, {}),  # which names exist: hidden too
+        ("HEAD", f"/jobs/{job}/results/out.csv", None, {}),
+        ("PUT", f"/jobs/{job}/results/out.csv", b"overwritten", {}),
+        ("PUT", f"/jobs/{job}/results/new.csv", b"added", {}),
+        ("DELETE", f"/jobs/{job}/results/out.csv", None, {}),
+        ("DELETE", f"/jobs/{job}/results/other.csv", None, {}),
     ]
 
 
 async def answer(client: Client, probe: Probe) -> tuple[int, str, str, dict[str, str]]:
     method, path, body, headers = probe
-    resp = await client.request(method, path, json=body, headers=headers)
+    payload = {"data": body} if isinstance(body, bytes) else {"json": body}
+    resp = await client.request(method, path, headers=headers, **payload)
     kept = {k: v for k, v in resp.headers.items() if k not in ("Date", "Server")}
     return resp.status, path, await resp.text(), kept
 
 
-async def snapshot(client: Client, seeded: Seeded) -> list[dict[str, Any]]:
+async def snapshot(client: Client, seeded: Seeded) -> list[str]:
     out = []
     for path in (
         f"/deployments/{seeded.alice_dep}",
         f"/jobs/{seeded.alice_job}",
+        f"/jobs/{seeded.alice_job}/results",
+        f"/jobs/{seeded.alice_job}/results/out.csv",
         "/deployments?count=true",
         "/jobs?count=true",
     ):
         resp = await client.get(path)
         assert resp.status == 200
-        out.append(await resp.json())
+        out.append(await resp.text())
     return out
 
 
@@ -93,6 +107,7 @@ async def test_another_users_records_answer_exactly_like_missing_ones(
     answers = [await answer(users.bob, p) for p in probes]
     assert all(a[0] in (404, 422) for a in answers), answers
     assert await snapshot(users.alice, seeded) == before  # nothing changed
+    assert await users.db["fs.files"].count_documents({}) == 2  # no file written or deleted
 
     # Now make alice's records really missing: bob's view must not change one byte.
     resp = await users.admin.delete(f"/deployments/{seeded.alice_dep}?cascade=true")
@@ -110,11 +125,17 @@ async def test_the_owner_and_the_admin_can_use_the_same_requests(
         assert resp.status == 200
         resp = await client.get(f"/deployments/{seeded.alice_dep}/jobs")
         assert [j["job_id"] for j in (await resp.json())["items"]] == [seeded.alice_job]
+        resp = await client.get(f"/jobs/{seeded.alice_job}/results/out.csv")
+        assert resp.status == 200 and await resp.read() == b"a,b\n1,2\n"
+    resp = await users.admin.put(f"/jobs/{seeded.bob_job}/results/admin.txt", data=b"x")
+    assert resp.status == 201
     resp = await users.admin.patch(f"/jobs/{seeded.bob_job}", json={"task_status": "RUNNING"})
     assert resp.status == 200 and (await resp.json())["user_id"] == "bob"
     resp = await users.admin.delete(f"/deployments/{seeded.bob_dep}?cascade=true")
     assert resp.status == 204
     assert (await users.bob.get(f"/jobs/{seeded.bob_job}")).status == 404
+    assert await users.db["fs.files"].count_documents({"metadata.job_id": seeded.bob_job}) == 0
+    assert await users.db["fs.files"].count_documents({"metadata.job_id": seeded.alice_job}) == 1
 
 
 async def list_of(client: Client, path: str) -> dict[str, Any]:
@@ -225,4 +246,5 @@ async def test_deleting_only_ever_touches_the_owners_records(users: Users, seede
     assert resp.status == 204
     assert await users.db.jobs.find_one({"_id": seeded.bob_job}) is None
     assert await users.db.jobs.find_one({"_id": 10_000}) is not None  # not bob's to delete
+    assert await users.db["fs.files"].count_documents({"metadata.job_id": seeded.alice_job}) == 1
     assert (await users.alice.get("/jobs/10000")).status == 200
