@@ -24,9 +24,18 @@ from beanie import init_beanie
 from pymongo import AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
+from pymongo.read_preferences import (
+    Nearest,
+    Primary,
+    PrimaryPreferred,
+    Secondary,
+    SecondaryPreferred,
+    _ServerMode,
+)
 
+from .metrics import COMMAND_METRICS
 from .models import DOCUMENT_MODELS
-from .settings import Settings
+from .settings import ReadPreferenceName, Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +86,40 @@ async def wait_until_ready(url: str, timeout_s: float, proc: asyncio.subprocess.
         await client.close()
 
 
+@dataclass
+class EmbeddedDatabase:
+    """The running embedded server: where it listens, and whether it is still alive."""
+
+    url: str
+    proc: asyncio.subprocess.Process
+    data_dir: Path
+
+    @property
+    def exit_code(self) -> int | None:
+        """None while it runs; its exit code once it has exited."""
+        return self.proc.returncode
+
+
+async def watch_embedded(embedded: EmbeddedDatabase) -> None:
+    """Say clearly, once, when the embedded server dies under the running service."""
+    code = await embedded.proc.wait()
+    log.error(
+        "the embedded database (secantusd-py, pid %d) exited with code %d: requests get 503 "
+        "until the service is restarted; its data in %s is kept (see secantusd.log there)",
+        embedded.proc.pid,
+        code,
+        embedded.data_dir,
+        extra={"embedded_pid": embedded.proc.pid, "exit_code": code},
+    )
+
+
 @contextlib.asynccontextmanager
-async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str]:
-    """Run `secantusd-py` on a free loopback port with its files in `data_dir`; yield its URL."""
+async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[EmbeddedDatabase]:
+    """Run `secantusd-py` on a free loopback port with its files in `data_dir`.
+
+    While it runs, a background task watches it and logs an error if it exits; on the way
+    out it is stopped with SIGTERM (so it closes its files cleanly), SIGKILL after 15 s.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at start)
     port = free_port()
     log_file = (data_dir / "secantusd.log").open("ab")
@@ -98,17 +138,25 @@ async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str
         stderr=log_file,
         start_new_session=True,  # Ctrl-C reaches the service, which stops the child itself.
     )
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    # journal=true: a write is acknowledged only once it is in the database's log, so an
+    # acknowledged write survives the child dying (without it, the last ~second is lost).
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true&journal=true"
+    embedded = EmbeddedDatabase(url, proc, data_dir)
+    watcher: asyncio.Task[None] | None = None
     try:
-        await wait_until_ready(url, timeout_s, proc)
+        await wait_until_ready(embedded.url, timeout_s, proc)
         log.info(
             "embedded database (SecantusDB secantusd-py, pid %d) on port %d, files in %s",
             proc.pid,
             port,
             data_dir,
+            extra={"embedded_pid": proc.pid},
         )
-        yield url
+        watcher = asyncio.create_task(watch_embedded(embedded))
+        yield embedded
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if proc.returncode is None:
             proc.terminate()
             try:
@@ -117,18 +165,39 @@ async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str
                 proc.kill()
                 await proc.wait()
         log_file.close()
-        log.info("embedded database stopped")
+        log.info("embedded database stopped (exit code %s)", proc.returncode)
 
 
 def make_client(url: str, settings: Settings) -> AsyncMongoClient[Doc]:
+    """The one client per process. Every wait is bounded, so no request hangs on the database:
+    finding a server (serverSelectionTimeoutMS) and each operation (timeoutMS, also sent to
+    the server as maxTimeMS). Every command is timed for /metrics."""
     return AsyncMongoClient(
         url,
         tz_aware=True,
         maxPoolSize=settings.mongodb_pool_size,
         serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
         connectTimeoutMS=settings.mongodb_timeout_ms,
+        timeoutMS=settings.mongodb_operation_timeout_ms or None,
         appname="jobservice",
+        event_listeners=[COMMAND_METRICS],
     )
+
+
+READ_PREFERENCES: dict[ReadPreferenceName, _ServerMode] = {
+    "primary": Primary(),
+    "primaryPreferred": PrimaryPreferred(),
+    "secondary": Secondary(),
+    "secondaryPreferred": SecondaryPreferred(),
+    "nearest": Nearest(),
+}
+
+
+def analytics_db(db: AsyncDatabase[Doc], settings: Settings) -> AsyncDatabase[Doc]:
+    """`db` reading with MONGODB_ANALYTICS_READ_PREFERENCE: for statistics and exports, which
+    tolerate slightly stale data and so can be served by secondaries instead of the primary."""
+    mode = READ_PREFERENCES[settings.mongodb_analytics_read_preference]
+    return db.with_options(read_preference=mode)
 
 
 async def init_database(db: AsyncDatabase[Doc]) -> None:
@@ -176,6 +245,7 @@ class Database:
     client: AsyncMongoClient[Doc]
     db: AsyncDatabase[Doc]
     cursor_key: bytes
+    embedded: EmbeddedDatabase | None = None  # set when the service runs its own database
 
 
 DB = web.AppKey("db", Database)
