@@ -42,10 +42,20 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 class JsonFormatter(logging.Formatter):
     """`{"time", "level", "logger", "message", "request_id", ...extra, "exception"?}`."""
 
+    _second = -1
+    _prefix = ""
+
+    def _time(self, created: float) -> str:
+        """RFC 3339 UTC with milliseconds; the part up to the second is formatted once."""
+        second = int(created)
+        if second != self._second:
+            stamp = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._second, self._prefix = second, stamp
+        return f"{self._prefix}{int((created - second) * 1000):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-            + f"{int(record.msecs):03d}Z",
+            "time": self._time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -68,6 +78,11 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The JSON lines show none of these; not collecting them saves ~10 us per line (the
+    # access log writes one per request). `_srcfile = None` is logging's documented switch
+    # for skipping the caller lookup.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # pymongo's DEBUG command log carries whole documents, i.e. request bodies.
     logging.getLogger("pymongo").setLevel(max(logging.INFO, logging.getLevelName(level)))
 

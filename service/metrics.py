@@ -120,9 +120,22 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         HTTP_IN_FLIGHT.dec()
         method = request.method if request.method in METHODS else "OTHER"
-        labels = (method, route_template(request), str(status))
-        HTTP_REQUESTS.labels(*labels).inc()
-        HTTP_DURATION.labels(*labels).observe(time.perf_counter() - start)
+        count, duration = _http_series(method, route_template(request), status)
+        count.inc()
+        duration.observe(time.perf_counter() - start)
+
+
+_SERIES: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
+def _http_series(method: str, route: str, status: int) -> tuple[Counter, Histogram]:
+    """The two children for one label set, looked up once (labels() costs microseconds)."""
+    key = (method, route, status)
+    series = _SERIES.get(key)
+    if series is None:
+        labels = (method, route, str(status))
+        series = _SERIES[key] = (HTTP_REQUESTS.labels(*labels), HTTP_DURATION.labels(*labels))
+    return series
 
 
 async def count_jobs(db: AsyncDatabase[dict[str, Any]]) -> bool:
