@@ -42,7 +42,9 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         if url is None:
             log.info("MONGODB_URL is not set: starting the embedded database")
             embedded = await stack.enter_async_context(
-                embedded_server(settings.data_dir, settings.embedded_start_timeout_s)
+                embedded_server(
+                    settings.data_dir, settings.embedded_start_timeout_s, settings.embedded_journal
+                )
             )
             url = embedded.url
         client = make_client(url, settings)

@@ -116,7 +116,9 @@ async def watch_embedded(embedded: EmbeddedDatabase) -> None:
 
 
 @contextlib.asynccontextmanager
-async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[EmbeddedDatabase]:
+async def embedded_server(
+    data_dir: Path, timeout_s: float, journal: bool = True
+) -> AsyncIterator[EmbeddedDatabase]:
     """Run `secantusd-py` on a free loopback port with its files in `data_dir`.
 
     While it runs, a background task watches it and logs an error if it exits; on the way
@@ -142,7 +144,9 @@ async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[Emb
     )
     # journal=true: a write is acknowledged only once it is in the database's log, so an
     # acknowledged write survives the child dying (without it, the last ~second is lost).
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true&journal=true"
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    if journal:
+        url += "&journal=true"
     embedded = EmbeddedDatabase(url, proc, data_dir)
     watcher: asyncio.Task[None] | None = None
     try:

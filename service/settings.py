@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     embedded_start_timeout_s: float = Field(
         60.0, gt=0, description="How long to wait for the embedded database to answer."
     )
+    embedded_journal: bool = Field(
+        True,
+        description="Acknowledge writes to the embedded database only once they are in its "
+        "log (journal=true), so they survive its crash; false is faster (measured in README).",
+    )
     shutdown_timeout_s: float = Field(
         10.0,
         ge=0,
