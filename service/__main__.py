@@ -8,6 +8,7 @@ import sys
 
 from aiohttp import web
 from pydantic import ValidationError
+from pymongo.errors import PyMongoError
 
 from .app import create_app
 from .database import EmbeddedDatabaseError
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (EmbeddedDatabaseError, OSError) as exc:  # e.g. the port is taken, DATA_DIR locked
         log.error("cannot start: %s", exc)
+        return 1
+    except PyMongoError as exc:  # the database did not answer at start
+        log.error("cannot start: the database: %s: %s", exc.__class__.__name__, exc)
         return 1
     log.info("stopped")
     return 0

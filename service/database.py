@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pymongo
 from aiohttp import web
 from beanie import init_beanie
 from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
@@ -42,6 +43,7 @@ from .settings import ReadPreferenceName, Settings
 log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
+INIT_TIMEOUT_S = 600.0  # index builds at start (see init_database)
 
 
 class EmbeddedDatabaseError(RuntimeError):
@@ -176,15 +178,21 @@ async def embedded_server(
 
 def make_client(url: str, settings: Settings) -> AsyncMongoClient[Doc]:
     """The one client per process. Every wait is bounded, so no request hangs on the database:
-    finding a server (serverSelectionTimeoutMS) and each operation (timeoutMS, also sent to
-    the server as maxTimeMS). Every command is timed for /metrics."""
+    finding a server and connecting (MONGODB_TIMEOUT_MS), and each reply
+    (MONGODB_OPERATION_TIMEOUT_MS as socketTimeoutMS: a frozen database does not hang us).
+
+    Not timeoutMS: with it pymongo waits the whole timeoutMS, not serverSelectionTimeoutMS,
+    for an unreachable database. Code with a longer wait in mind (a big aggregation) wraps
+    it in `pymongo.timeout(seconds)`, which takes precedence. Every command is timed for
+    /metrics.
+    """
     return AsyncMongoClient(
         url,
         tz_aware=True,
         maxPoolSize=settings.mongodb_pool_size,
         serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
         connectTimeoutMS=settings.mongodb_timeout_ms,
-        timeoutMS=settings.mongodb_operation_timeout_ms or None,
+        socketTimeoutMS=settings.mongodb_operation_timeout_ms or None,
         appname="jobservice",
         event_listeners=[COMMAND_METRICS],
     )
@@ -207,10 +215,17 @@ def analytics_db(db: AsyncDatabase[Doc], settings: Settings) -> AsyncDatabase[Do
 
 
 async def init_database(db: AsyncDatabase[Doc]) -> None:
-    """Register the documents with Beanie, which creates their indexes."""
-    await init_beanie(database=db, document_models=DOCUMENT_MODELS)
-    for kind in ("deployments", "jobs"):
-        await ensure_counter(db, kind)
+    """Register the documents with Beanie, which creates their indexes.
+
+    Building an index on a large existing collection can take minutes, longer than
+    MONGODB_OPERATION_TIMEOUT_MS allows one reply: `pymongo.timeout` lifts that limit here,
+    after a ping has shown, within MONGODB_TIMEOUT_MS, that the database answers at all.
+    """
+    await db.command("ping")
+    with pymongo.timeout(INIT_TIMEOUT_S):
+        await init_beanie(database=db, document_models=DOCUMENT_MODELS)
+        for kind in ("deployments", "jobs"):
+            await ensure_counter(db, kind)
 
 
 async def next_ids(db: AsyncDatabase[Doc], kind: str, count: int = 1) -> int:

@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     mongodb_operation_timeout_ms: int = Field(
         30000,
         ge=0,
-        description="Longest one database operation may take before the request gets 503 "
-        "(pymongo timeoutMS; 0: no limit). Bounds requests when the database hangs.",
+        description="Longest wait for one reply from the database before the request gets "
+        "503 (socketTimeoutMS; 0: no limit). Bounds requests when the database hangs.",
     )
     mongodb_analytics_read_preference: ReadPreferenceName = Field(
         "primary",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from service.database import free_port
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,16 @@ def test_port_taken_stops_the_start_with_one_line(mongodb_url: str, settings: Se
     errors = [line for line in result.stderr.splitlines() if '"level":"ERROR"' in line]
     assert len(errors) == 1 and "cannot start" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unreachable_database_stops_the_start_with_one_line() -> None:
+    closed = free_port()  # nothing listens there
+    env = {"MONGODB_URL": f"mongodb://u:pw@127.0.0.1:{closed}/", "MONGODB_TIMEOUT_MS": "500"}
+    result = serve(env)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if '"level":"ERROR"' in line]
+    assert len(errors) == 1 and "cannot start: the database" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "pw" not in result.stderr
 
 
 def test_log_level_is_case_insensitive() -> None:
