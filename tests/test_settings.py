@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pymongo.read_preferences import Primary, SecondaryPreferred
 
-from service.database import free_port
+from service.database import analytics_db, free_port, make_client
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,3 +95,17 @@ def test_every_setting_is_in_the_readme() -> None:
     for name, field in Settings.model_fields.items():
         assert f"`{name.upper()}`" in readme, f"{name.upper()} is not documented"
         assert field.description, f"{name} has no description"
+
+
+async def test_analytics_reads_use_their_read_preference(settings: Settings) -> None:
+    analytics = settings.model_copy(
+        update={"mongodb_analytics_read_preference": "secondaryPreferred"}
+    )
+    client = make_client(settings.mongodb_url or "", analytics)
+    try:
+        db = client[settings.mongodb_db]
+        assert analytics_db(db, analytics).read_preference == SecondaryPreferred()
+        assert db.read_preference == Primary()  # everything else reads its own writes
+        assert await analytics_db(db, analytics).jobs.count_documents({}) == 0  # it works
+    finally:
+        await client.close()
