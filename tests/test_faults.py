@@ -81,6 +81,14 @@ def freeze(proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.01)
 
 
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie waiting to be reaped does not count)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 @dataclass
 class Service:
     """`python -m service serve` as a child process, its JSON log lines in a file."""
@@ -128,10 +136,11 @@ def start_service(tmp_path: Path, name: str, **env: str) -> Service:
 
 @contextlib.contextmanager
 def running(service: Service) -> Iterator[Service]:
+    """Stop the service at the end (SIGTERM: it stops its embedded database too)."""
     try:
         yield service
     finally:
-        stop(service.proc, signal.SIGKILL)
+        stop(service.proc)
 
 
 @pytest.fixture
@@ -341,6 +350,31 @@ async def test_embedded_database_dies_service_says_so_and_starts_again_on_same_d
     assert sum(line["level"] == "ERROR" for line in first.logs()) == 1
 
     second = start_service(tmp_path, "second", DATA_DIR=data_dir)  # `make run` again
+    with running(second):
+        status, _, again = await call(
+            http, "GET", f"{second.url}/deployments/{dep['deployment_id']}"
+        )
+        assert status == 200 and again == dep
+
+
+async def test_service_killed_its_embedded_database_follows_and_it_starts_again(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """SIGKILL (OOM killer) gives the service no chance to stop its child: the child
+    stops itself, releasing DATA_DIR for the next start."""
+    data_dir = str(tmp_path / "data")
+    first = start_service(tmp_path, "first", DATA_DIR=data_dir)
+    with running(first):
+        _, _, dep = await call(http, "POST", f"{first.url}/deployments", {"user_id": "alice"})
+        (started,) = [line for line in first.logs() if "embedded_pid" in line]
+        stop(first.proc, signal.SIGKILL)
+
+    deadline = time.monotonic() + START
+    while alive(started["embedded_pid"]):
+        assert time.monotonic() < deadline, "the embedded database outlived the service"
+        await asyncio.sleep(0.1)
+
+    second = start_service(tmp_path, "second", DATA_DIR=data_dir)
     with running(second):
         status, _, again = await call(
             http, "GET", f"{second.url}/deployments/{dep['deployment_id']}"
