@@ -591,9 +591,10 @@ async def cli_database(settings: Settings) -> AsyncIterator[AsyncDatabase[Doc]]:
     async with contextlib.AsyncExitStack() as stack:
         url = settings.mongodb_url or await running_embedded(settings.data_dir)
         if url is None:
-            url = await stack.enter_async_context(
+            embedded = await stack.enter_async_context(
                 embedded_server(settings.data_dir, settings.embedded_start_timeout_s)
             )
+            url = embedded.url
         client: AsyncMongoClient[Doc] = AsyncMongoClient(
             url, tz_aware=True, serverSelectionTimeoutMS=settings.mongodb_timeout_ms
         )
@@ -607,7 +608,7 @@ async def running_embedded(data_dir: Path) -> str | None:
         port = int((data_dir / PORT_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true&journal=true"
     probe: AsyncMongoClient[Doc] = AsyncMongoClient(url, serverSelectionTimeoutMS=1000)
     try:
         await probe.admin.command("ping")

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import stat
+import subprocess
 import sys
 import time
 import uuid
@@ -557,3 +558,16 @@ async def test_auth_problems_match_the_spec(
     resp = await client.get("/deployments", headers=bearer(key))
     conforms(await problem(resp, 429, "too-many-requests"), "Problem")
     assert int(resp.headers["Retry-After"]) >= 1
+
+
+def test_a_bad_admin_key_setting_is_not_echoed() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve"],
+        cwd=ROOT,
+        env={**os.environ, "SERVICE_ADMIN_KEY": "short-s3cret"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "SERVICE_ADMIN_KEY" in result.stderr and "s3cret" not in result.stderr

@@ -248,3 +248,14 @@ async def test_deleting_only_ever_touches_the_owners_records(users: Users, seede
     assert await users.db.jobs.find_one({"_id": 10_000}) is not None  # not bob's to delete
     assert await users.db["fs.files"].count_documents({"metadata.job_id": seeded.alice_job}) == 1
     assert (await users.alice.get("/jobs/10000")).status == 200
+
+
+async def test_metrics_are_for_admins_only(users: Users, seeded: Seeded) -> None:
+    """Its job counts cover everyone, so a user's key may not read them."""
+    for client in (users.alice, users.bob):
+        resp = await client.get("/metrics")
+        assert resp.status == 403
+        assert (await resp.json())["type"] == "/problems/forbidden"
+    resp = await users.admin.get("/metrics")
+    assert resp.status == 200
+    assert 'jobservice_jobs{task_status="PENDING"} 2.0' in await resp.text()
