@@ -79,7 +79,7 @@ async def answer(client: Client, probe: Probe) -> tuple[int, str, str, dict[str,
     method, path, body, headers = probe
     payload = {"data": body} if isinstance(body, bytes) else {"json": body}
     resp = await client.request(method, path, headers=headers, **payload)
-    kept = {k: v for k, v in resp.headers.items() if k not in ("Date", "Server")}
+    kept = {k: v for k, v in resp.headers.items() if k not in ("Date", "Server", "X-Request-ID")}
     return resp.status, path, await resp.text(), kept
 
 
