@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import deployments, jobs
+from . import deployments, imports, jobs
 from .database import (
     DB,
     Database,
@@ -84,4 +84,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/openapi.yaml", openapi)
     app.add_routes(deployments.routes)
     app.add_routes(jobs.routes)
+    app.add_routes(imports.routes)
     return app
