@@ -411,10 +411,13 @@ class IdSet:
         self.recent: set[int] = set()
         self.starts, self.ends = array("q"), array("q")  # inclusive runs, sorted
 
+    def __contains__(self, n: int) -> bool:
+        i = bisect_right(self.starts, n)
+        return n in self.recent or (i > 0 and n <= self.ends[i - 1])
+
     def add(self, n: int) -> bool:
         """Remember `n`; False if it was there already."""
-        i = bisect_right(self.starts, n)
-        if n in self.recent or (i > 0 and n <= self.ends[i - 1]):
+        if n in self:
             return False
         self.recent.add(n)
         if len(self.recent) >= self.FOLD:
@@ -491,7 +494,7 @@ class Importer:
         self.kind = kind
         self.on_conflict = on_conflict
         self.reader = LineReader(stream)
-        self.seen = IdSet()
+        self.given, self.assigned = IdSet(), IdSet()  # ids of this import
         self.known_parents: set[int] = set()  # deployments known to exist
         self.report = Report()
 
@@ -531,16 +534,23 @@ class Importer:
                 batch.fail(number, exc.detail)
                 continue
             record_id = record.record_id()
-            if record_id is not None and not self.seen.add(record_id):
-                batch.fail(
-                    number, f"{self.kind.id_field}: {record_id} appears earlier in this import"
-                )
+            if record_id is not None and (problem := self.duplicate(record_id)):
+                batch.fail(number, f"{self.kind.id_field}: {record_id} {problem}")
                 continue
             records.append((number, record))
         if self.kind.has_parent:
             records = await self.check_parents(records, batch)
         await self.assign_ids(records, batch)
         return batch
+
+    def duplicate(self, record_id: int) -> str | None:
+        """Each id at most once per import, whether given or handed out by the import."""
+        if record_id in self.assigned:
+            return (
+                "was already handed out to an earlier record without an id in this import "
+                "(give ids to all records or to none)"
+            )
+        return None if self.given.add(record_id) else "appears earlier in this import"
 
     async def check_parents(
         self, records: list[tuple[int, Record]], batch: Batch
@@ -578,7 +588,7 @@ class Importer:
             record_id = record.record_id()
             if record_id is None:
                 record_id, next_id = next_id, next_id + 1
-                self.seen.add(record_id)
+                self.assigned.add(record_id)
             batch.lines.append(number)
             batch.docs.append(record.document(record_id))
 
