@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import uuid
 from collections import deque
@@ -11,13 +12,14 @@ from typing import Any, cast
 
 import orjson
 import pytest
-from aiohttp import StreamReader
+from aiohttp import ClientPayloadError, StreamReader
 from pymongo import MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
 from service.database import DB
 from service.imports import KINDS, MAX_LINE, IdSet, Importer, LineReader
+from service.schemas import public_job
 from service.settings import Settings
 from tests.conftest import Client, create_deployment, create_job
 
@@ -563,6 +565,26 @@ async def test_export_streams_many_batches_in_id_order(client: Client) -> None:
     resp = await client.get("/export/jobs")
     assert resp.headers.get("Transfer-Encoding") == "chunked"
     assert records(await resp.read()) == sorted(given, key=lambda j: j["job_id"])
+
+
+async def test_an_export_that_fails_midway_is_visibly_incomplete(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status line is sent by then: the stream is broken off, never ended cleanly."""
+    await import_(client, "deployments", ndjson([{"deployment_id": 1, "user_id": "a"}]))
+    await import_(client, "jobs", ndjson(job_record(n, 1) for n in range(1, 3001)))
+
+    def flaky(doc: dict[str, Any]) -> dict[str, Any]:
+        if doc["_id"] == 2500:
+            raise RuntimeError("the database went away")
+        return public_job(doc)
+
+    monkeypatch.setitem(KINDS, "jobs", dataclasses.replace(KINDS["jobs"], public=flaky))
+    resp = await client.get("/export/jobs")
+    assert resp.status == 200
+    with pytest.raises(ClientPayloadError):
+        await resp.read()
+    assert (await client.get("/healthz")).status == 200
 
 
 # --- the parts -----------------------------------------------------------------------
