@@ -18,6 +18,7 @@ from a driver cursor, so memory stays constant and an export re-imports exactly.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
@@ -27,19 +28,27 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import bson
 import orjson
 import pydantic_core
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, OperationFailure
 
 from .database import DB, Doc, ensure_counter, next_ids
 from .errors import BadRequest, UnsupportedMediaType, bad_query
@@ -67,7 +76,6 @@ from .schemas import (
 from .store import now
 
 log = logging.getLogger(__name__)
-routes = web.RouteTableDef()
 
 NDJSON = "application/x-ndjson"
 BATCH_RECORDS = 1000  # records per bulk write
@@ -79,7 +87,7 @@ EXPORT_BATCH = 1000
 EXPORT_WRITE_BYTES = 256 * 1024
 OnConflict = Literal["fail", "skip", "replace"]
 ON_CONFLICT: tuple[OnConflict, ...] = ("fail", "skip", "replace")
-DUPLICATE_KEY = 11000
+DUPLICATE_KEY, BAD_VALUE = 11000, 2  # server error codes
 
 
 class RecordError(Exception):
@@ -93,6 +101,10 @@ class RecordError(Exception):
 # --- records ---------------------------------------------------------------------------
 
 Status = Annotated[TaskStatus, Field(strict=False)]  # from its string
+# A given id moves the counter past it; half of the id space stays for the service, so
+# no import can leave it without ids to hand out.
+MAX_GIVEN_ID = 2**62
+GivenId = Annotated[StrictInt, Field(ge=1, le=MAX_GIVEN_ID)]
 Revision = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
 ResultName = Annotated[
     StrictStr, Field(min_length=1, max_length=200, pattern=r"^[^/\x00-\x1f\x7f]+$")
@@ -103,6 +115,16 @@ class Record(BaseModel):
     """A line of an import: the public shape, ids and service-kept fields optional."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    not_null: ClassVar[frozenset[str]] = frozenset()  # optional, but never null
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            nulls = sorted(name for name in cls.not_null if name in values and values[name] is None)
+            if nulls:
+                raise ValueError(f"{', '.join(nulls)}: may not be null (leave it out instead)")
+        return values
 
     def record_id(self) -> int | None:
         raise NotImplementedError
@@ -123,7 +145,8 @@ class Record(BaseModel):
 
 
 class DeploymentRecord(Record):
-    deployment_id: PositiveId | None = None
+    not_null = frozenset({"deployment_id", "created"})
+    deployment_id: GivenId | None = None
     deployment_name: Name | None = None
     user_id: UserId
     created: Timestamp | None = None
@@ -169,7 +192,8 @@ class ResultRecord(BaseModel):
 
 
 class JobRecord(Record):
-    job_id: PositiveId | None = None
+    not_null = frozenset({"job_id", "started_at", "history"})
+    job_id: GivenId | None = None
     job_name: Name | None = None
     user_id: UserId
     deployment_id: PositiveId
@@ -583,10 +607,20 @@ class Importer:
         if given:
             await raise_counter(self.db, self.kind.name, max(given))
         missing = len(records) - len(given)
-        next_id = await next_ids(self.db, self.kind.name, missing) if missing else 0
+        next_id: int | None = None
+        if missing:
+            try:
+                next_id = await next_ids(self.db, self.kind.name, missing)
+            except OperationFailure as exc:
+                if exc.code != BAD_VALUE:
+                    raise
+                # Given ids took the counter so close to 2**63 - 1 that `$inc` overflows.
         for number, record in records:
             record_id = record.record_id()
             if record_id is None:
+                if next_id is None:
+                    batch.fail(number, f"{self.kind.id_field}: no ids are left to hand out")
+                    continue
                 record_id, next_id = next_id, next_id + 1
                 self.assigned.add(record_id)
             batch.lines.append(number)
@@ -667,10 +701,9 @@ async def raise_counter(db: AsyncDatabase[Doc], kind: str, value: int) -> None:
         await ensure_counter(db, kind)
 
 
-@routes.post("/import/{kind:deployments|jobs}")
-async def import_records(request: web.Request) -> web.Response:
+async def import_records(request: web.Request, kind_name: str) -> web.Response:
     check_query(request, "on_conflict")
-    kind = KINDS[request.match_info["kind"]]
+    kind = KINDS[kind_name]
     values = request.query.getall("on_conflict", ["fail"])
     if len(values) > 1 or values[0] not in ON_CONFLICT:
         raise bad_query("on_conflict", f"must be given once, as one of {', '.join(ON_CONFLICT)}")
@@ -708,10 +741,9 @@ async def import_records(request: web.Request) -> web.Response:
 # --- exporting -------------------------------------------------------------------------
 
 
-@routes.get("/export/{kind:deployments|jobs}")
-async def export_records(request: web.Request) -> web.StreamResponse:
+async def export_records(request: web.Request, kind_name: str) -> web.StreamResponse:
     """The list filters, sorted by id, streamed from one cursor with backpressure."""
-    kind = KINDS[request.match_info["kind"]]
+    kind = KINDS[kind_name]
     database = request.app[DB]
     for name in request.query:
         if name in PAGING:
@@ -753,3 +785,13 @@ async def stream_export(
             parts, size = [], 0
     await response.write(b"".join(parts))
     await response.write_eof()
+
+
+routes = [
+    route
+    for name in KINDS
+    for route in (
+        web.post(f"/import/{name}", functools.partial(import_records, kind_name=name)),
+        web.get(f"/export/{name}", functools.partial(export_records, kind_name=name)),
+    )
+]

@@ -18,10 +18,11 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
 from service.database import DB
-from service.imports import KINDS, MAX_LINE, IdSet, Importer, LineReader
+from service.imports import KINDS, MAX_GIVEN_ID, MAX_LINE, IdSet, Importer, LineReader
 from service.schemas import public_job
 from service.settings import Settings
 from tests.conftest import Client, create_deployment, create_job
+from tests.test_openapi import conforms
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 MERGE = {"Content-Type": "application/merge-patch+json"}
@@ -135,6 +136,25 @@ async def test_given_ids_are_kept_and_later_ids_never_collide(client: Client) ->
     assert (await create_job(client, 7))["job_id"] == 103
 
 
+async def test_given_ids_leave_room_for_the_service(client: Client) -> None:
+    top = MAX_GIVEN_ID
+    body = ndjson(
+        [{"deployment_id": top, "user_id": "a"}, {"deployment_id": top + 1, "user_id": "b"}]
+    )
+    report = await import_(client, "deployments", body)
+    assert report["inserted"] == 1
+    assert report["errors"][0]["line"] == 2
+    assert report["errors"][0]["detail"].startswith("deployment_id: Input should be less than")
+    assert (await create_deployment(client))["deployment_id"] == top + 1
+    # Should the counter ever stand at the very end, records without ids fail one by one.
+    await database(client).counters.update_one({"_id": "deployments"}, {"$set": {"seq": 2**63 - 1}})
+    report = await import_(
+        client, "deployments", ndjson([{"user_id": "c"}, {"deployment_id": 5, "user_id": "d"}])
+    )
+    assert report["inserted"] == 1
+    assert report["errors"] == [{"line": 1, "detail": "deployment_id: no ids are left to hand out"}]
+
+
 async def test_historical_jobs_keep_status_times_history_and_results(client: Client) -> None:
     await import_(client, "deployments", ndjson([{"deployment_id": 1, "user_id": "a"}]))
     result = {
@@ -200,7 +220,12 @@ async def test_every_bad_line_is_reported_and_the_rest_goes_in(client: Client) -
         ({**base, "job_name": "x" * 201}, "job_name: String should have at most 200"),
         ({**base, "user_id": ""}, "user_id: String should have at least 1"),
         ({**base, "parameters": "p" * (64 * 1024 + 1)}, "parameters: String should have at most"),
-        ({**base, "started_at": "2026-01-01T00:00:00"}, "started_at: must include a time zone"),
+        (
+            {**base, "started_at": "2026-01-01T00:00:00"},
+            "started_at: must be an RFC 3339 timestamp",
+        ),
+        ({**base, "started_at": None, "job_id": None}, "job_id, started_at: may not be null"),
+        ({**base, "history": None}, "history: may not be null"),
         ({**base, "task_status": "DONE"}, "task_status: Input should be 'PENDING'"),
         ({**base, "data": {"$x": 1}}, "data.$x: object keys may not start with '$'"),
         ({**base, "data": {"a": {"b.c": 1}}}, "data.a.b.c: object keys may not contain '.'"),
@@ -273,8 +298,10 @@ async def test_every_bad_line_is_reported_and_the_rest_goes_in(client: Client) -
 async def test_deployment_records_follow_the_rules_of_post(client: Client) -> None:
     cases: list[tuple[Any, str]] = [
         ({"user_id": "a", "created": "yesterday"}, "created: "),
+        ({"user_id": "a", "created": "0001-01-01T00:00:00+01:00"}, "created: is outside the years"),
+        ({"user_id": "a", "deployment_id": None}, "deployment_id: may not be null"),
         ({"user_id": "a", "deployment_name": 5}, "deployment_name: Input should be a valid string"),
-        ({"deployment_id": 2**63, "user_id": "a"}, "deployment_id: Input should be less than"),
+        ({"deployment_id": 2**62 + 1, "user_id": "a"}, "deployment_id: Input should be less than"),
         ({"user_id": "a", "data": {"k\x00": 1}}, "object keys may not contain NUL"),
         ({"user_id": "a", "job_id": 1}, "job_id: unknown field"),
     ]
@@ -397,6 +424,7 @@ async def test_many_batches_mixed_ids_and_errors(client: Client) -> None:
         else:
             lines.append(orjson.dumps({"user_id": "b", "deployment_id": 1}))
     report = await import_(client, "jobs", b"\n".join(lines))
+    conforms(report, "ImportReport")
     assert (report["received"], report["inserted"], report["failed"]) == (2600, 2595, 5)
     assert [e["line"] for e in report["errors"]] == [500, 1000, 1500, 2000, 2500]
     stored = records(await export(client, "jobs"))
@@ -504,8 +532,13 @@ async def test_export_import_round_trip_is_exact(client: Client, other_client: C
 
     deployments, jobs = await export(client, "deployments"), await export(client, "jobs")
     assert len(records(deployments)) == 3 and len(records(jobs)) == 4
-    for job in records(jobs):  # each line is exactly what GET answers
+    for job in records(jobs):  # each line is exactly what GET answers, and what the spec says
         assert job == await (await client.get(f"/jobs/{job['job_id']}")).json()
+        conforms(job, "Job")
+        conforms(job, "JobRecord")
+    for deployment in records(deployments):
+        conforms(deployment, "Deployment")
+        conforms(deployment, "DeploymentRecord")
     assert (await import_(other_client, "deployments", deployments))["inserted"] == 3
     assert (await import_(other_client, "jobs", jobs))["inserted"] == 4
     assert await export(other_client, "deployments") == deployments
