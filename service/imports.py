@@ -25,10 +25,10 @@ import logging
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import bson
 import orjson
@@ -46,7 +46,6 @@ from pydantic import (
 )
 from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
@@ -83,11 +82,13 @@ BATCH_BYTES = 8 * 1024 * 1024  # ... or fewer, when the lines are large
 MAX_LINE = 16 * 1024 * 1024  # MongoDB's largest document: no valid record is longer
 MAX_ERRORS = 1000  # errors listed in the answer; `failed` counts them all
 KNOWN_PARENTS_CACHE = 100_000
-EXPORT_BATCH = 1000
-EXPORT_WRITE_BYTES = 256 * 1024
+EXPORT_BATCH = 1000  # documents a cursor batch, read while the last one is written
+EXPORT_SLICE = 100  # documents a write
 OnConflict = Literal["fail", "skip", "replace"]
 ON_CONFLICT: tuple[OnConflict, ...] = ("fail", "skip", "replace")
 DUPLICATE_KEY, BAD_VALUE = 11000, 2  # server error codes
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 class RecordError(Exception):
@@ -326,8 +327,9 @@ def summary(exc: ValidationError) -> str:
     parts = []
     for e in exc.errors(include_url=False, include_input=False)[:5]:
         msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
         where = ".".join(map(str, e["loc"]))
-        parts.append(f"{where}: {msg.removeprefix('Value error, ')}" if where else msg)
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts)
 
 
@@ -525,16 +527,10 @@ class Importer:
     async def run(self) -> Report:
         writing: Batch | None = None
         while True:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    if writing is not None:
-                        group.create_task(self.write(writing))
-                    reading = group.create_task(self.prepare())
-            except BaseExceptionGroup as exc:
-                raise exc.exceptions[0] from None
+            _, reading = await alongside(self.write(writing), self.prepare())
             if writing is not None:
                 self.report.add(writing)
-            writing = reading.result()
+            writing = reading
             if writing is None:
                 return self.report
 
@@ -626,9 +622,9 @@ class Importer:
             batch.lines.append(number)
             batch.docs.append(record.document(record_id))
 
-    async def write(self, batch: Batch) -> None:
+    async def write(self, batch: Batch | None) -> None:
         """One unordered bulk write; each refused document becomes an error or a skip."""
-        if not batch.docs:
+        if batch is None or not batch.docs:
             return
         collection = self.db[self.kind.name]
         replace = self.on_conflict == "replace"
@@ -725,6 +721,14 @@ async def import_records(request: web.Request, kind_name: str) -> web.Response:
             exc.__class__.__name__,
         )
         raise BadRequest("The request body broke off before its end.") from None
+    except Exception:
+        log.warning(
+            "import of %s failed at line %d; batches already written stay, "
+            "a retry with on_conflict=skip completes it",
+            kind.name,
+            importer.reader.number,
+        )
+        raise
     log.info(
         "import of %s: %d received, %d inserted, %d replaced, %d skipped, %d failed in %.1fs",
         kind.name,
@@ -751,11 +755,15 @@ async def export_records(request: web.Request, kind_name: str) -> web.StreamResp
     query = parse_list_query(request.query, kind.filters, kind.sorts, database.cursor_key)
     cursor = database.db[kind.name].find(query.filter).sort("_id", 1).batch_size(EXPORT_BATCH)
     try:
-        first = await anext(cursor, None)  # a database that is down is still a clean 503
+        batch = await cursor.to_list(EXPORT_BATCH)  # a database that is down is still a 503
         response = web.StreamResponse(headers={"Content-Type": NDJSON})
         await response.prepare(request)
         try:
-            await stream_export(response, kind, first, cursor)
+            while batch:  # the next batch is read while this one is written
+                batch, _ = await alongside(
+                    cursor.to_list(EXPORT_BATCH), write_lines(response, kind, batch)
+                )
+            await response.write_eof()
         except ConnectionError:
             log.info("export of %s: the client went away", kind.name)
         except Exception:
@@ -768,23 +776,24 @@ async def export_records(request: web.Request, kind_name: str) -> web.StreamResp
         await cursor.close()
 
 
-async def stream_export(
-    response: web.StreamResponse, kind: Kind, first: Doc | None, cursor: AsyncCursor[Doc]
-) -> None:
-    if first is None:
-        await response.write_eof()
-        return
+async def write_lines(response: web.StreamResponse, kind: Kind, docs: list[Doc]) -> None:
+    """In slices, so that the read of the next batch gets going early."""
     dumps, public = orjson.dumps, kind.public
-    parts, size = [dumps(public(first)), b"\n"], 0
-    async for doc in cursor:
-        line = dumps(public(doc))
-        parts += (line, b"\n")
-        size += len(line)
-        if size >= EXPORT_WRITE_BYTES:
-            await response.write(b"".join(parts))
-            parts, size = [], 0
-    await response.write(b"".join(parts))
-    await response.write_eof()
+    for start in range(0, len(docs), EXPORT_SLICE):
+        slice_ = docs[start : start + EXPORT_SLICE]
+        await response.write(b"".join([dumps(public(doc)) + b"\n" for doc in slice_]))
+
+
+async def alongside(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:
+    """Run both at once (`first` starts first); if one fails, the other is cancelled and
+    the error is raised as it is.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            one, two = group.create_task(first), group.create_task(second)
+    except BaseExceptionGroup as exc:
+        raise exc.exceptions[0] from None
+    return one.result(), two.result()
 
 
 routes = [
@@ -792,6 +801,9 @@ routes = [
     for name in KINDS
     for route in (
         web.post(f"/import/{name}", functools.partial(import_records, kind_name=name)),
-        web.get(f"/export/{name}", functools.partial(export_records, kind_name=name)),
+        # HEAD would run the whole export to throw it away: not offered (405).
+        web.get(
+            f"/export/{name}", functools.partial(export_records, kind_name=name), allow_head=False
+        ),
     )
 ]

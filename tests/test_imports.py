@@ -288,6 +288,7 @@ async def test_every_bad_line_is_reported_and_the_rest_goes_in(client: Client) -
     for line, (_, expected) in enumerate(cases, start=2):
         if expected:
             assert expected in details[line], (line, details.get(line))
+            assert "Value error" not in details[line]
         else:
             assert line not in details
     assert [e["line"] for e in report["errors"]] == sorted(details)
@@ -409,6 +410,7 @@ async def test_bad_requests(client: Client) -> None:
     assert (await client.post("/import/users", data=body, headers=NDJSON)).status == 404
     assert (await client.get("/import/jobs")).status == 405
     assert (await client.post("/export/jobs")).status == 405
+    assert (await client.head("/export/jobs")).status == 405
     assert records(await export(client, "deployments")) == []
 
 
