@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import deployments, imports, jobs
+from . import deployments, imports, jobs, results
 from .database import (
     DB,
     Database,
@@ -81,5 +81,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/openapi.yaml", openapi)
     app.add_routes(deployments.routes)
     app.add_routes(jobs.routes)
+    results.setup(app, settings)
     app.add_routes(imports.routes)
     return app

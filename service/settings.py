@@ -40,3 +40,9 @@ class Settings(BaseSettings):
         description="Key that signs list cursors; unset: a random key kept in the database, "
         "shared by every instance on it.",
     )
+    max_result_bytes: int = Field(
+        1024**3, ge=0, description="Largest result file a job may store, in bytes (else 413)."
+    )
+    max_results_per_job: int = Field(
+        1000, ge=1, description="Most result files one job may have (else 409)."
+    )
