@@ -36,6 +36,7 @@ import pydantic_core
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -50,7 +51,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from .database import DB, Doc, ensure_counter, next_ids
-from .errors import BadRequest, UnsupportedMediaType, bad_query
+from .errors import BadRequest, Problem, UnsupportedMediaType, bad_query
 from .http import check_query, json_response
 from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
 from .models import TERMINAL, TRANSITIONS, TaskStatus
@@ -63,6 +64,7 @@ from .pagination import (
     FilterKind,
     parse_list_query,
 )
+from .results import MAX_CONTENT_TYPE, MAX_METADATA, MEDIA_TYPE, check_name
 from .schemas import (
     Name,
     Parameters,
@@ -107,9 +109,23 @@ Status = Annotated[TaskStatus, Field(strict=False)]  # from its string
 MAX_GIVEN_ID = 2**62
 GivenId = Annotated[StrictInt, Field(ge=1, le=MAX_GIVEN_ID)]
 Revision = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
-ResultName = Annotated[
-    StrictStr, Field(min_length=1, max_length=200, pattern=r"^[^/\x00-\x1f\x7f]+$")
-]
+
+
+def _result_name(name: str) -> str:
+    try:
+        return check_name(name)  # the rules of PUT /jobs/{job_id}/results/{name}
+    except Problem as exc:
+        raise ValueError(exc.errors[0]["msg"] if exc.errors else exc.detail) from None
+
+
+def _media_type(value: str) -> str:
+    if len(value) > MAX_CONTENT_TYPE or not MEDIA_TYPE.fullmatch(value):
+        raise ValueError(f"must be a media type such as 'text/csv', at most {MAX_CONTENT_TYPE}")
+    return value
+
+
+ResultName = Annotated[StrictStr, AfterValidator(_result_name)]
+MediaType = Annotated[StrictStr, AfterValidator(_media_type)]
 
 
 class Record(BaseModel):
@@ -185,7 +201,7 @@ class HistoryRecord(BaseModel):
 class ResultRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: ResultName
-    content_type: Annotated[StrictStr, Field(min_length=1, max_length=255)]
+    content_type: MediaType
     size: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
     sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
     created: Timestamp
@@ -232,7 +248,7 @@ class JobRecord(Record):
             raise RecordError("finished_at: is before started_at")
         if history is None:
             self.history = default_history(status, started, self.finished_at)
-            return
+            history = self.history
         if not history or history[0].task_status != TaskStatus.PENDING:
             raise RecordError("history: must start with PENDING")
         for n, (before, after) in enumerate(itertools.pairwise(history), 1):
@@ -246,6 +262,17 @@ class JobRecord(Record):
         for n, entry in enumerate(history):
             if entry.at < started:
                 raise RecordError(f"history.{n}.at: is before started_at")
+        self.check_results()
+
+    def check_results(self) -> None:
+        """Entries only: a bulk import moves no file bytes (their download says so)."""
+        names = set()
+        for n, result in enumerate(self.results):
+            if result.name in names:
+                raise RecordError(f"results.{n}.name: {result.name!r} is listed twice")
+            names.add(result.name)
+            if len(orjson.dumps(result.metadata)) > MAX_METADATA:
+                raise RecordError(f"results.{n}.metadata: larger than {MAX_METADATA} bytes")
 
     def document(self, record_id: int) -> Doc:
         return {

@@ -201,6 +201,37 @@ async def test_historical_jobs_keep_status_times_history_and_results(client: Cli
     assert resp.status == 409
 
 
+async def test_imported_result_entries_work_with_the_results_api(client: Client) -> None:
+    """Entries come in, bytes do not: a download says so until PUT brings the file."""
+    await import_(client, "deployments", ndjson([{"deployment_id": 1, "user_id": "a"}]))
+    entry = {
+        "name": "counts.csv",
+        "content_type": "text/csv",
+        "size": 3,
+        "sha256": "1" * 64,
+        "created": T0,
+        "metadata": {"rows": 1},
+    }
+    other = {**entry, "name": "log.txt", "content_type": "text/plain"}
+    await import_(client, "jobs", ndjson([job_record(1, 1, results=[entry, other])]))
+    resp = await client.get("/jobs/1/results")
+    assert resp.status == 200
+    assert [r["name"] for r in (await resp.json())["items"]] == ["counts.csv", "log.txt"]
+    resp = await client.get("/jobs/1/results/counts.csv")
+    assert resp.status == 404
+    assert "imported without its bytes" in (await resp.json())["detail"]
+    resp = await client.put(
+        "/jobs/1/results/counts.csv", data=b"a,b", headers={"Content-Type": "text/csv"}
+    )
+    assert resp.status == 200  # it replaced the imported entry
+    resp = await client.get("/jobs/1/results/counts.csv")
+    assert resp.status == 200 and await resp.read() == b"a,b"
+    assert (await client.delete("/jobs/1/results/log.txt")).status == 204
+    (job,) = records(await export(client, "jobs"))
+    assert [r["name"] for r in job["results"]] == ["counts.csv"]
+    assert job["results"][0]["size"] == 3 and job["revision"] == 3
+
+
 async def test_every_bad_line_is_reported_and_the_rest_goes_in(client: Client) -> None:
     await import_(client, "deployments", ndjson([{"deployment_id": 1, "user_id": "a"}]))
     base = {"user_id": "a", "deployment_id": 1, "started_at": T0}
@@ -266,7 +297,23 @@ async def test_every_bad_line_is_reported_and_the_rest_goes_in(client: Client) -
             "history.0.at: is before started_at",
         ),
         ({**base, "history": [{"task_status": "PENDING"}]}, "history.0.at: Field required"),
-        ({**base, "results": [{**ok_result, "created": T0, "name": "a/b"}]}, "results.0.name"),
+        (
+            {**base, "results": [{**ok_result, "created": T0, "name": "a/b"}]},
+            "results.0.name: may not contain '/'",
+        ),
+        ({**base, "results": [{**ok_result, "created": T0, "name": ".."}]}, "results.0.name"),
+        (
+            {**base, "results": [{**ok_result, "created": T0, "content_type": "csv"}]},
+            "results.0.content_type: must be a media type",
+        ),
+        (
+            {**base, "results": [{**ok_result, "created": T0}, {**ok_result, "created": T0}]},
+            "results.1.name: 'r' is listed twice",
+        ),
+        (
+            {**base, "results": [{**ok_result, "created": T0, "metadata": {"k": "v" * 5000}}]},
+            "results.0.metadata: larger than 4096 bytes",
+        ),
         ({**base, "results": [{**ok_result, "created": T0, "sha256": "X"}]}, "results.0.sha256"),
         ({**base, "results": [ok_result]}, "results.0.created: Field required"),
         (
