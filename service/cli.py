@@ -176,7 +176,8 @@ async def import_file(
             copy.seek(0)
         with open_input(path) if copy is None else copy as again:
             await asyncio.to_thread(write_lines, again, lines, target)
-    say(f"the {len(lines):,} failed lines are in {target}: fix them and import that file")
+    which = "the failed line is" if len(lines) == 1 else f"the {len(lines):,} failed lines are"
+    say(f"{which} in {target}: fix and import that file")
     if report["failed"] > len(lines):
         say(
             f"the service lists only the first {len(lines):,} of {report['failed']:,} failures; "
