@@ -54,6 +54,7 @@ from .database import DB, Doc, ensure_counter, next_ids
 from .errors import BadRequest, Problem, UnsupportedMediaType, bad_query
 from .http import check_query, json_response
 from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
+from .metrics import IMPORT_ROWS
 from .models import TERMINAL, TRANSITIONS, TaskStatus
 from .pagination import (
     DEPLOYMENT_FILTERS,
@@ -557,6 +558,7 @@ class Importer:
             _, reading = await alongside(self.write(writing), self.prepare())
             if writing is not None:
                 self.report.add(writing)
+                count_rows(self.kind.name, writing)
             writing = reading
             if writing is None:
                 return self.report
@@ -716,6 +718,19 @@ class Importer:
             detail = f"deployment_id: deployment {batch.docs[i]['deployment_id']} was deleted"
             batch.fail(batch.lines[i], f"{detail} during the import")
         return [i for i in written if i not in set(orphans)]
+
+
+def count_rows(kind: str, batch: Batch) -> None:
+    """/metrics, batch by batch, so a long import shows its progress."""
+    outcomes = {
+        "inserted": batch.inserted,
+        "replaced": batch.replaced,
+        "skipped": batch.skipped,
+        "failed": len(batch.errors),
+    }
+    for outcome, rows in outcomes.items():
+        if rows:
+            IMPORT_ROWS.labels(kind=kind, outcome=outcome).inc(rows)
 
 
 async def raise_counter(db: AsyncDatabase[Doc], kind: str, value: int) -> None:

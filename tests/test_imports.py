@@ -13,6 +13,7 @@ from typing import Any, cast
 import orjson
 import pytest
 from aiohttp import ClientPayloadError, StreamReader
+from prometheus_client import REGISTRY
 from pymongo import MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -397,6 +398,21 @@ async def test_only_the_first_1000_errors_are_listed(client: Client) -> None:
     report = await import_(client, "deployments", b"nope\n" * 1500 + b'{"user_id": "a"}\n')
     assert report["failed"] == 1500 and report["inserted"] == 1
     assert [e["line"] for e in report["errors"]] == list(range(1, 1001))
+
+
+async def test_import_rows_are_counted_in_the_metrics(client: Client) -> None:
+    def counted(outcome: str) -> float:
+        labels = {"kind": "deployments", "outcome": outcome}
+        return REGISTRY.get_sample_value("jobservice_import_rows_total", labels) or 0.0
+
+    before = {o: counted(o) for o in ("inserted", "replaced", "skipped", "failed")}
+    body = ndjson([{"deployment_id": 1, "user_id": "a"}, {"deployment_id": 2, "user_id": "a"}])
+    await import_(client, "deployments", body)
+    await import_(client, "deployments", body + b"nope\n", on_conflict="skip")
+    after = {o: counted(o) - before[o] for o in before}
+    assert after == {"inserted": 2, "replaced": 0, "skipped": 2, "failed": 1}
+    text = await (await client.get("/metrics")).text()
+    assert 'jobservice_import_rows_total{kind="deployments",outcome="skipped"}' in text
 
 
 async def test_on_conflict_fail_skip_replace(client: Client) -> None:
