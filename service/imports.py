@@ -50,7 +50,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from .database import DB, Doc, ensure_counter, next_ids
+from . import app as assembly  # for SETTINGS; app.py imports this module (no cycle at run time)
+from .database import DB, Doc, analytics_db, ensure_counter, next_ids
 from .errors import BadRequest, Problem, UnsupportedMediaType, bad_query
 from .http import check_query, json_response
 from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
@@ -795,7 +796,8 @@ async def export_records(request: web.Request, kind_name: str) -> web.StreamResp
         if name in PAGING:
             raise bad_query(name, "unknown query parameter (an export is neither paged nor sorted)")
     query = parse_list_query(request.query, kind.filters, kind.sorts, database.cursor_key)
-    cursor = database.db[kind.name].find(query.filter).sort("_id", 1).batch_size(EXPORT_BATCH)
+    source = analytics_db(database.db, request.app[assembly.SETTINGS])  # may be a secondary
+    cursor = source[kind.name].find(query.filter).sort("_id", 1).batch_size(EXPORT_BATCH)
     try:
         batch = await cursor.to_list(EXPORT_BATCH)  # a database that is down is still a 503
         response = web.StreamResponse(headers={"Content-Type": NDJSON})
