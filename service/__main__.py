@@ -1,4 +1,4 @@
-"""Command line: `python -m service serve [--host H] [--port P]`."""
+"""Command line: `python -m service serve [--host H] [--port P]`; `import`, `export`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
+from . import cli
 from .app import create_app
 from .auth import add_keys_command, keys_command
 from .database import EmbeddedDatabaseError
@@ -25,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", help="address to listen on (env HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (env PORT)")
+    cli.add_commands(commands)
     add_keys_command(commands)
     args = parser.parse_args(argv)
+    if args.command in cli.COMMANDS:
+        return cli.run(args)
 
     overrides = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
     try:

@@ -40,11 +40,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import jwt
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pymongo import AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
@@ -73,10 +73,29 @@ HEADER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 1
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller. `user_id` is None only when auth is disabled (every request is admin)."""
+    """The caller, and the rules that follow from who it is (for code without a request at
+    hand, e.g. a bulk import; handlers use the functions below).
+
+    `user_id` is None only when auth is disabled (then every request is an admin)."""
 
     user_id: str | None
     admin: bool
+
+    def owner_filter(self) -> Doc:
+        return {} if self.admin else {"user_id": self.user_id}
+
+    def claim(self, user_id: str | None, loc: list[str | int]) -> str:
+        if user_id is None:
+            if self.user_id is None:  # auth disabled: nobody to default to
+                raise invalid(loc, "Field required")
+            return self.user_id
+        if not self.admin and user_id != self.user_id:
+            where = ".".join(map(str, loc))
+            raise Forbidden(f"{where}: you may only create records of your own user.")
+        return user_id
+
+    def same_owner(self, user_id: str) -> Doc:
+        return {} if self.user_id is None else {"user_id": user_id}
 
 
 ANONYMOUS_ADMIN = Principal(None, True)
@@ -92,28 +111,20 @@ def principal(request: web.Request) -> Principal:
 
 def owner_filter(request: web.Request) -> Doc:
     """What every read, change, count and delete must also match: the caller's records."""
-    caller = request[PRINCIPAL]
-    return {} if caller.admin else {"user_id": caller.user_id}
+    return request[PRINCIPAL].owner_filter()
 
 
 def claim_owner(
     request: web.Request, user_id: str | None, loc: list[str | int] | None = None
 ) -> str:
-    """The owner of a new record: `user_id` if the caller may create for them, else the caller."""
-    caller = request[PRINCIPAL]
-    loc = loc or ["body", "user_id"]
-    if user_id is None:
-        if caller.user_id is None:  # auth disabled: nobody to default to
-            raise invalid(loc, "Field required")
-        return caller.user_id
-    if not caller.admin and user_id != caller.user_id:
-        raise Forbidden(f"{'.'.join(map(str, loc))}: you may only create records of your own user.")
-    return user_id
+    """The owner of a new record: `user_id` if the caller may create for them (else 403);
+    omitted, the caller (422 when auth is disabled and there is no caller)."""
+    return request[PRINCIPAL].claim(user_id, loc or ["body", "user_id"])
 
 
 def same_owner(request: web.Request, user_id: str) -> Doc:
     """The filter a record referenced by a new record of `user_id` must match (auth on)."""
-    return {} if request[PRINCIPAL].user_id is None else {"user_id": user_id}
+    return request[PRINCIPAL].same_owner(user_id)
 
 
 def require_admin(request: web.Request) -> None:
@@ -152,6 +163,24 @@ def read_deadline(
             return await read(n)
 
     return timed
+
+
+class _DeadlineStream:
+    """`request.content`, for readers that use `readany` (bulk imports), with a deadline
+    on each read."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+
+    async def readany(self) -> bytes:
+        async with body_deadline(self.request):
+            return await self.request.content.readany()
+
+
+def deadline_stream(request: web.Request) -> StreamReader:
+    """The request body as a stream whose every `readany` must finish within
+    BODY_TIMEOUT_S (only `readany` is offered)."""
+    return cast(StreamReader, _DeadlineStream(request))
 
 
 class RedactParseErrors(logging.Filter):

@@ -180,6 +180,11 @@ async def open_result(
     bucket = AsyncGridFSBucket(db, BUCKET)
     for _ in range(3):
         entry = await get_result(db, job_id, name, owner)
+        if entry.get("file_id") is None:  # listed by a bulk import, which moves no bytes
+            raise NotFound(
+                f"Result {name!r} of job {job_id} was imported without its bytes; "
+                "upload them with PUT."
+            )
         try:
             return entry, await bucket.open_download_stream(entry["file_id"])
         except NoFile:
@@ -211,13 +216,13 @@ async def store_result(
         "file_id": file_id,
     }
     try:
-        old = await _swap_in(db, job_id, entry, limits.max_results, owner)
+        replaced, old = await _swap_in(db, job_id, entry, limits.max_results, owner)
     except BaseException:
         await _cleanup(delete_files(db, [file_id]))
         raise
     if old is not None:
         await _cleanup(delete_files(db, [old]))
-    return entry, old is not None
+    return entry, replaced
 
 
 async def write_file(
@@ -281,16 +286,17 @@ async def _abandon(db: AsyncDatabase[Doc], file_id: ObjectId, inserting: Any) ->
 
 async def _swap_in(
     db: AsyncDatabase[Doc], job_id: int, entry: Doc, max_results: int, owner: Doc
-) -> Any:
-    """Put `entry` in place of the one with its name (or append it); return the old file id.
+) -> tuple[bool, Any]:
+    """Put `entry` in place of the one with its name (or append it); return whether it
+    replaced one, and the old file id (None: none, or an imported entry without bytes).
 
     Compare-and-swap on the old entry's `file_id`, so the file replaced is known for
     certain (SecantusDB's findAndModify can return a stale pre-image under concurrency).
     """
     name = entry["name"]
     for _ in range(MAX_SWAPS):
-        old = await _current(db, job_id, name, max_results, owner)
-        if old is None:
+        exists, old = await _current(db, job_id, name, max_results, owner)
+        if not exists:
             flt = {
                 **owner,
                 "_id": job_id,
@@ -315,14 +321,15 @@ async def _swap_in(
                 }
             ]
         if (await db.jobs.update_one(flt, update)).modified_count:
-            return old
+            return exists, old
     raise Conflict(f"Result {name!r} of job {job_id} changed too often to replace; try again.")
 
 
 async def _current(
     db: AsyncDatabase[Doc], job_id: int, name: str, max_results: int, owner: Doc
-) -> Any:
-    """The file id under `name` now, or None when there is room for it as a new name."""
+) -> tuple[bool, Any]:
+    """Whether `name` has an entry now and its file id (None for an imported entry without
+    bytes); (False, None) when there is room for it as a new name."""
     flt = {**owner, "_id": job_id}
     doc = await db.jobs.find_one(flt, {"results.name": 1, "results.file_id": 1})
     if doc is None:
@@ -330,24 +337,25 @@ async def _current(
     entries = doc.get("results") or []
     for e in entries:
         if e["name"] == name:
-            return e["file_id"]
+            return True, e.get("file_id")
     if len(entries) >= max_results:
         raise Conflict(
             f"Job {job_id} already has {max_results} result files, the most it may have; "
             "delete one or replace one by its name."
         )
-    return None
+    return False, None
 
 
 async def delete_result(db: AsyncDatabase[Doc], job_id: int, name: str, owner: Doc) -> None:
     """Remove the entry that points at the file read, then that file."""
     for _ in range(MAX_SWAPS):
-        file_id = (await get_result(db, job_id, name, owner))["file_id"]
+        file_id = (await get_result(db, job_id, name, owner)).get("file_id")  # None: imported
         entry = {"$elemMatch": {"name": name, "file_id": file_id}}
         flt = {**owner, "_id": job_id, "results": entry}
         update = {"$pull": {"results": {"name": name}}, "$inc": {"revision": 1}}
         if (await db.jobs.update_one(flt, update)).modified_count:
-            await _cleanup(delete_files(db, [file_id]))
+            if file_id is not None:
+                await _cleanup(delete_files(db, [file_id]))
             return
     raise Conflict(f"Result {name!r} of job {job_id} changed too often to delete; try again.")
 

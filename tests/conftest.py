@@ -25,6 +25,11 @@ from service.settings import Settings
 
 Client = TestClient[Any, Any]
 
+# Auth is on by default in the service. A test (or a service process it starts) that does
+# not ask for it runs without it, so that no test writes a first-start admin key into the
+# checkout's .data; tests of authentication turn it on explicitly (`auth_settings`, `users`).
+os.environ["AUTH"] = "disabled"
+
 
 @pytest.fixture(scope="session")
 def mongodb_url() -> Iterator[str]:

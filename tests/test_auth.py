@@ -37,6 +37,7 @@ from service.auth import (
     revoke_key,
     split_key,
 )
+from service.cli import export_file, import_file
 from service.database import DB, PORT_FILE
 from service.settings import Settings
 from tests.conftest import Client, Users
@@ -571,3 +572,29 @@ def test_a_bad_admin_key_setting_is_not_echoed() -> None:
     )
     assert result.returncode == 2
     assert "SERVICE_ADMIN_KEY" in result.stderr and "s3cret" not in result.stderr
+
+
+async def test_import_and_export_commands_send_api_key(
+    users: Users,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = str(users.anonymous.make_url(""))
+    source = tmp_path / "mine.ndjson"
+    source.write_bytes(b'{"deployment_name": "a"}\n{"deployment_name": "b"}\n')
+    out = tmp_path / "out.ndjson"
+    assert await export_file(url, "deployments", [], str(out)) == 2
+    assert "set API_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("API_KEY", users.keys["bob"])
+    assert await import_file(url, "deployments", str(source)) == 0
+    monkeypatch.setenv("API_KEY", users.keys["alice"])
+    assert await import_file(url, "deployments", str(source)) == 0
+    assert await export_file(url, "deployments", [], str(out)) == 0
+    exported = [json.loads(line) for line in out.read_bytes().splitlines()]
+    assert [(d["user_id"], d["deployment_name"]) for d in exported] == [
+        ("alice", "a"),
+        ("alice", "b"),
+    ]
+    err = capsys.readouterr().err
+    assert users.keys["alice"] not in err and users.keys["bob"] not in err

@@ -109,7 +109,6 @@ def start_service(tmp_path: Path, name: str, **env: str) -> Service:
     port = free_port()
     base = {k: v for k, v in os.environ.items() if k != "MONGODB_URL"}
     full_env = {**base, "HOST": "127.0.0.1", "PORT": str(port), "MONGODB_TIMEOUT_MS": "1000"}
-    full_env["AUTH"] = "disabled"  # these tests are about faults, not keys (tests/test_auth.py)
     full_env.update(env)
     log_path = tmp_path / f"{name}.log"
     with log_path.open("ab") as log_file:
@@ -206,7 +205,6 @@ def outage_settings(db: OwnDatabase) -> Settings:
         mongodb_db="faults",
         mongodb_timeout_ms=1000,
         mongodb_operation_timeout_ms=2000,
-        auth="disabled",
     )
 
 

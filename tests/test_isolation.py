@@ -3,6 +3,7 @@ infer the other's records; the admin sees everything."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,3 +260,98 @@ async def test_metrics_are_for_admins_only(users: Users, seeded: Seeded) -> None
     resp = await users.admin.get("/metrics")
     assert resp.status == 200
     assert 'jobservice_jobs{task_status="PENDING"} 2.0' in await resp.text()
+
+
+# --- bulk import and export --------------------------------------------------------------
+
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+def ndjson(*lines: dict[str, Any]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+async def imported(client: Client, kind: str, body: bytes, **query: str) -> dict[str, Any]:
+    resp = await client.post(f"/import/{kind}", data=body, headers=NDJSON, params=query)
+    assert resp.status == 200, await resp.text()
+    report: dict[str, Any] = await resp.json()
+    return report
+
+
+async def exported(client: Client, kind: str, query: str = "") -> list[dict[str, Any]]:
+    resp = await client.get(f"/export/{kind}{query}")
+    assert resp.status == 200, await resp.text()
+    return [json.loads(line) for line in (await resp.read()).splitlines()]
+
+
+async def test_exports_hold_only_your_own_records(users: Users, seeded: Seeded) -> None:
+    assert [j["user_id"] for j in await exported(users.bob, "jobs")] == ["bob"]
+    for query in ("?user_id=alice", f"?deployment_id={seeded.alice_dep}"):
+        assert await exported(users.bob, "jobs", query) == []
+    assert [d["user_id"] for d in await exported(users.bob, "deployments")] == ["bob"]
+    assert await exported(users.bob, "deployments", "?user_id=alice") == []
+    everyone = await exported(users.admin, "deployments")
+    assert sorted(d["user_id"] for d in everyone) == ["alice", "bob"]
+
+
+async def test_imports_are_yours_unless_you_are_an_admin(users: Users, seeded: Seeded) -> None:
+    report = await imported(users.bob, "deployments", ndjson({"deployment_name": "b2"}))
+    assert report["inserted"] == 1
+    resp = await users.bob.post(
+        "/import/deployments", data=ndjson({"user_id": "alice"}), headers=NDJSON
+    )
+    assert resp.status == 403, await resp.text()
+    body = await resp.json()
+    assert body["type"] == "/problems/forbidden" and "line 1" in body["detail"]
+    assert await users.db.deployments.count_documents({"user_id": "alice"}) == 1
+    report = await imported(users.admin, "deployments", ndjson({"user_id": "carol"}))
+    assert report["inserted"] == 1
+
+
+async def test_importing_jobs_onto_another_users_deployment_is_like_a_missing_one(
+    users: Users, seeded: Seeded
+) -> None:
+    lines = ndjson({"deployment_id": seeded.alice_dep}, {"deployment_id": seeded.bob_dep})
+    report = await imported(users.bob, "jobs", lines)
+    assert report["inserted"] == 1 and report["failed"] == 1
+    hidden = report["errors"]
+    # Now alice's deployment is really missing: bob's report reads the same.
+    await users.admin.delete(f"/deployments/{seeded.alice_dep}?cascade=true")
+    report = await imported(users.bob, "jobs", lines)
+    assert (
+        report["errors"]
+        == hidden
+        == [{"line": 1, "detail": f"deployment_id: no deployment with id {seeded.alice_dep}"}]
+    )
+
+
+async def test_an_admin_import_keeps_jobs_with_their_deployments_owner(
+    users: Users, seeded: Seeded
+) -> None:
+    lines = ndjson(
+        {"user_id": "bob", "deployment_id": seeded.alice_dep},
+        {"user_id": "alice", "deployment_id": seeded.alice_dep},
+    )
+    report = await imported(users.admin, "jobs", lines)
+    assert report["inserted"] == 1
+    assert report["errors"][0]["line"] == 1
+
+
+@pytest.mark.parametrize("on_conflict", ["fail", "skip", "replace"])
+async def test_importing_over_another_users_ids_changes_nothing(
+    users: Users, seeded: Seeded, on_conflict: str
+) -> None:
+    before = [await users.db.deployments.find_one({"_id": seeded.alice_dep})]
+    before.append(await users.db.jobs.find_one({"_id": seeded.alice_job}))
+    deployment = {"deployment_id": seeded.alice_dep, "deployment_name": "mine now"}
+    job = {"job_id": seeded.alice_job, "deployment_id": seeded.bob_dep}
+    for kind, line in (("deployments", deployment), ("jobs", job)):
+        report = await imported(users.bob, kind, ndjson(line), on_conflict=on_conflict)
+        assert report["inserted"] == report["replaced"] == 0, report
+    after = [await users.db.deployments.find_one({"_id": seeded.alice_dep})]
+    after.append(await users.db.jobs.find_one({"_id": seeded.alice_job}))
+    assert after == before
+    # His own records he may replace.
+    mine = {"deployment_id": seeded.bob_dep, "deployment_name": "renamed"}
+    report = await imported(users.bob, "deployments", ndjson(mine), on_conflict="replace")
+    assert report["replaced"] == 1

@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def serve(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k != "MONGODB_URL"}
-    base["AUTH"] = "disabled"  # no first-start admin key in the checkout's .data
     return subprocess.run(
         [sys.executable, "-m", "service", "serve", *args],
         cwd=ROOT,
