@@ -314,3 +314,15 @@ async def test_a_stalled_result_upload_is_408_and_leaves_no_file(impatient: Clie
     db = impatient.app[DB].db
     assert await db["fs.files"].count_documents({}) == 0
     assert await db["fs.chunks"].count_documents({}) == 0
+
+
+async def test_a_stalled_import_is_408(impatient: Client) -> None:
+    request = (
+        b"POST /import/deployments HTTP/1.1\r\nHost: test\r\n"
+        b"Content-Type: application/x-ndjson\r\nContent-Length: 100000\r\n\r\n"
+        b'{"user_id": "a"}\n{"user_id": "b"}\n{"user_'
+    )
+    reply = await raw_exchange(impatient, request)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), reply[:200]
+    assert json.loads(body)["type"] == "/problems/request-timeout"
