@@ -13,7 +13,8 @@ adopt the rules with one call each:
   match, so links never cross owners;
 - `require_admin(request)`: for endpoints about the whole service (e.g. /metrics);
 - `body_deadline(request)`: around every read of a whole request body (a slow body is 408);
-  `read_deadline(request, read)` for streamed bodies (each read within the deadline).
+  for streamed bodies, where a total deadline would cut off large uploads, each read must
+  finish within it: `read_deadline(request, read)` or `deadline_stream(request)`.
 
 API keys look like `jsk_<key_id>_<secret>`; the database keeps only a salted SHA-256 of
 the secret (the secret is 256 random bits, so a slow hash would add nothing). Verified
