@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -90,19 +91,7 @@ def parse_list_query(
     `fixed` conditions always apply (a deployment's jobs, auth.owner_filter); cursors are
     bound to them, so a cursor never crosses to another deployment or user.
     """
-    for name in params:
-        if name not in filters and name not in PAGING:
-            raise bad_query(name, "unknown query parameter")
-        if name != "task_status" and len(params.getall(name)) > 1:
-            raise bad_query(name, "given more than once")
-    given: dict[str, Any] = {}
-    for name, (doc_field, kind) in filters.items():
-        if name in params:
-            _add_filter(given, name, doc_field, kind, params.getall(name))
-    fixed = fixed or {}
-    # A filter never widens what `fixed` (e.g. the caller's own records) allows.
-    clash = any(k in given and given[k] != v for k, v in fixed.items())
-    query = ListQuery(filter={"$and": [fixed, given]} if clash else {**given, **fixed})
+    query = ListQuery(filter=parse_filters(params, filters, PAGING, fixed))
     sort = params.get("sort", "id")
     if sort.removeprefix("-") not in sorts:
         raise bad_query("sort", f"must be one of {', '.join(_sort_names(sorts))}")
@@ -113,6 +102,33 @@ def parse_list_query(
     if "cursor" in params:
         query.after = decode_cursor(params["cursor"], query, key)
     return query
+
+
+def parse_filters(
+    params: MultiMapping[str],
+    filters: dict[str, tuple[str, FilterKind]],
+    allowed: Collection[str] = (),
+    fixed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The MongoDB filter the query asks for; a name neither a filter nor `allowed` is a 400.
+
+    Shared by the lists and the statistics, so both select exactly the same jobs, within
+    `fixed`.
+    """
+    for name in params:
+        if name not in filters and name not in allowed:
+            raise bad_query(name, "unknown query parameter")
+        if name != "task_status" and len(params.getall(name)) > 1:
+            raise bad_query(name, "given more than once")
+    given: dict[str, Any] = {}
+    for name, (doc_field, kind) in filters.items():
+        if name in params:
+            _add_filter(given, name, doc_field, kind, params.getall(name))
+    fixed = fixed or {}
+    # A filter never widens what `fixed` (e.g. auth.owner_filter: the caller's own records)
+    # allows: `?user_id=someone-else` then matches nothing.
+    clash = any(k in given and given[k] != v for k, v in fixed.items())
+    return {"$and": [fixed, given]} if clash else {**given, **fixed}
 
 
 def _sort_names(sorts: dict[str, str]) -> list[str]:
