@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from pymongo import AsyncMongoClient
 
-from service.database import find_secantusd, free_port
+from service.database import free_port, secantusd_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,17 +91,16 @@ class ServiceProcess:
     proc: subprocess.Popen[bytes]
 
     def rss_mb(self) -> float:
-        """Resident memory of the service process, from /proc (Linux)."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the service process now, from /proc (Linux)."""
+        return self._status_mb("VmRSS")
 
     def peak_rss_mb(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
+        """The most resident memory the service process has had."""
+        return self._status_mb("VmHWM")
+
+    def _status_mb(self, key: str) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
@@ -229,35 +228,9 @@ async def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def database() -> Iterator[str]:
-    """MONGODB_URL if set, else a fresh on-disk secantusd-py (on disk, as in production)."""
+    """MONGODB_URL if set, else a fresh secantusd-py on disk (as in production)."""
     if url := os.environ.get("MONGODB_URL"):
         yield url
         return
-    with tempfile.TemporaryDirectory(prefix="bench-db-") as tmp:
-        port = free_port()
-        proc = subprocess.Popen(
-            [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
-            + ["--storage-path", tmp, "--log-level", "ERROR"],
-        )
-        try:
-            from pymongo import MongoClient
-
-            url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-            probe: MongoClient[dict[str, Any]] = MongoClient(url, serverSelectionTimeoutMS=500)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    probe.admin.command("ping")
-                    break
-                except Exception:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("secantusd-py did not start") from None
-                    time.sleep(0.1)
-            probe.close()
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with tempfile.TemporaryDirectory(prefix="bench-db-") as tmp, secantusd_process(tmp) as url:
+        yield url

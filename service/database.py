@@ -13,17 +13,19 @@ import logging
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from beanie import init_beanie
-from pymongo import AsyncMongoClient, ReturnDocument
+from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from .models import DOCUMENT_MODELS
 from .settings import Settings
@@ -179,3 +181,36 @@ class Database:
 
 
 DB = web.AppKey("db", Database)
+
+
+@contextlib.contextmanager
+def secantusd_process(storage_path: str, timeout_s: float = 60) -> Iterator[str]:
+    """A `secantusd-py` for tests and benchmarks (blocking); yields its URL, stops it after.
+
+    `storage_path=":memory:"` keeps nothing. The service itself uses `embedded_server`.
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
+        + ["--storage-path", storage_path, "--log-level", "ERROR"],
+    )
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    try:
+        probe: MongoClient[Doc] = MongoClient(url, serverSelectionTimeoutMS=500)
+        deadline = time.monotonic() + timeout_s
+        with probe:
+            while True:
+                try:
+                    probe.admin.command("ping")
+                    break
+                except PyMongoError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise EmbeddedDatabaseError("secantusd-py did not start") from None
+                    time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

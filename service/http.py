@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .errors import NotFound, PreconditionFailed, UnsupportedMediaType, bad_query
+from .errors import BadRequest, NotFound, UnsupportedMediaType, bad_query
 from .schemas import M, validate_body
 from .store import Page
 
@@ -55,10 +55,12 @@ def if_match(request: web.Request) -> int | None:
     header = request.headers.get("If-Match")
     if header is None or header.strip() == "*":
         return None
-    tag = header.strip().removeprefix("W/").strip('"')
-    if not tag.isascii() or not tag.isdigit() or len(tag) > 19:
-        raise PreconditionFailed(f"If-Match {header!r} matches no revision of this record.")
-    return int(tag)
+    tag = header.strip()
+    digits = tag[1:-1]
+    malformed = len(tag) < 3 or tag[0] != '"' or tag[-1] != '"'
+    if malformed or not digits.isascii() or not digits.isdigit() or len(digits) > 19:
+        raise BadRequest(f'If-Match must be "<revision>" or *, not {header!r}.')
+    return int(digits)
 
 
 def page_response(

@@ -6,16 +6,16 @@ integer is reported as such instead of silently becoming a float) and validated 
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, TypeVar
 
 import pydantic_core
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -32,25 +32,30 @@ MAX_PARAMETERS = 64 * 1024
 
 def to_millis(value: datetime) -> datetime:
     """UTC, truncated to the millisecond BSON stores, so what we answer is what we keep."""
-    value = value.astimezone(UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is outside the years 0001 to 9999 in UTC") from None
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
-def _require_string(value: Any) -> Any:
-    if not isinstance(value, str):
-        raise ValueError("must be an RFC 3339 timestamp string with a time zone offset")
-    return value
+RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
 
 
-def _aware(value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("must include a time zone offset, e.g. 'Z' or '+02:00'")
-    return to_millis(value)
+def parse_rfc3339(value: Any) -> datetime:
+    """An RFC 3339 timestamp with its offset, in UTC at millisecond precision; else ValueError."""
+    if not isinstance(value, str) or not RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 timestamp with an offset, e.g. 2026-11-29T16:00:00Z")
+    try:
+        parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("is not a valid date and time") from None
+    return to_millis(parsed)
 
 
-Timestamp = Annotated[
-    datetime, Field(strict=False), BeforeValidator(_require_string), AfterValidator(_aware)
-]
+Timestamp = Annotated[datetime, Field(strict=False), PlainValidator(parse_rfc3339)]
 UserId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME)]
 Name = Annotated[StrictStr, Field(max_length=MAX_NAME)]
 Parameters = Annotated[StrictStr, Field(max_length=MAX_PARAMETERS)]
@@ -62,6 +67,14 @@ class Body(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     owned: ClassVar[frozenset[str]] = frozenset()
+    not_null: ClassVar[frozenset[str]] = frozenset()  # optional, but never null
+
+    @model_validator(mode="after")
+    def _no_nulls(self) -> Body:
+        for name in sorted(self.not_null & self.model_fields_set):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} may not be null")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -96,6 +109,7 @@ class JobCreate(Body):
     parameters: Parameters = ""
     data: Any = Field(default_factory=dict)
     started_at: Timestamp | None = None
+    not_null = frozenset({"started_at"})
 
 
 class JobPatch(Body):
@@ -105,13 +119,7 @@ class JobPatch(Body):
     data: Any = None
     task_status: Annotated[TaskStatus, Field(strict=False)] | None = None  # from its string
     finished_at: Timestamp | None = None
-
-    @model_validator(mode="after")
-    def _no_nulls(self) -> JobPatch:
-        for name in ("task_status", "finished_at"):
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} may not be null")
-        return self
+    not_null = frozenset({"task_status", "finished_at"})
 
 
 M = TypeVar("M", bound=Body)
@@ -168,7 +176,10 @@ def rfc3339(value: datetime | None) -> str | None:
         return None
     if value.tzinfo is not None:
         value = value.astimezone(UTC)
-    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T"
+        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond // 1000:03d}Z"
+    )
 
 
 def public_deployment(doc: dict[str, Any]) -> dict[str, Any]:

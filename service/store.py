@@ -81,13 +81,7 @@ async def apply_update(
         )
         if doc is not None:
             return doc
-        stored = await collection.find_one({"_id": record_id})
-        if stored is None:
-            raise NotFound(f"No {what} with id {record_id}.")
-        if revision is not None and stored.get("revision") != revision:
-            raise PreconditionFailed(
-                f"If-Match requires revision {revision}, the {what} is at {stored.get('revision')}."
-            )
+        stored = await get_checked(collection, record_id, revision, what)
         problem = explain(stored)
         if problem is not None:
             raise problem

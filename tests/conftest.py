@@ -7,8 +7,6 @@ child process; with it, the same tests run against that MongoDB.
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from pymongo import MongoClient
 
 from service.app import create_app
-from service.database import find_secantusd, free_port
+from service.database import secantusd_process
 from service.settings import Settings
 
 Client = TestClient[Any, Any]
@@ -29,30 +27,8 @@ def mongodb_url() -> Iterator[str]:
     if url := os.environ.get("MONGODB_URL"):
         yield url
         return
-    port = free_port()
-    proc = subprocess.Popen(
-        [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
-        + ["--storage-path", ":memory:", "--log-level", "ERROR"],
-    )
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    probe: MongoClient[dict[str, Any]] = MongoClient(url, serverSelectionTimeoutMS=500)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            probe.admin.command("ping")
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("secantusd-py did not start") from None
-            time.sleep(0.1)
-    probe.close()
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with secantusd_process(":memory:") as url:
+        yield url
 
 
 @pytest.fixture

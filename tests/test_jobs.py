@@ -141,7 +141,9 @@ async def test_concurrent_transitions_have_exactly_one_winner(client: Client) ->
     job = await create_job(client, dep["deployment_id"])
     await patch(client, job["job_id"], {"task_status": "RUNNING"})
     targets = ["FINISHED", "ERROR"] * 16
-    results = await asyncio.gather(*(patch(client, job["job_id"], {"task_status": t}) for t in targets))
+    results = await asyncio.gather(
+        *(patch(client, job["job_id"], {"task_status": t}) for t in targets)
+    )
     statuses = sorted(status for status, _ in results)
     assert statuses == [200] + [409] * (len(targets) - 1)
     final = await (await client.get(f"/jobs/{job['job_id']}")).json()
@@ -261,4 +263,3 @@ async def test_ids_continue_across_two_instances(aiohttp_client: Any, settings: 
         *(create_job(c, dep["deployment_id"]) for c in [first, second] * 10)
     )
     assert sorted(j["job_id"] for j in made) == list(range(1, 21))
-

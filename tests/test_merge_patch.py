@@ -74,9 +74,7 @@ async def test_database_merge_equals_rfc7396(collection: Any, target: Any, patch
     """The pipeline update gives exactly what RFC 7396 gives, for any stored value."""
     await collection.delete_many({})
     await collection.insert_one({"_id": 1, "data": target})
-    await collection.update_one(
-        {"_id": 1}, [{"$set": {"data": merge_expression("$data", patch)}}]
-    )
+    await collection.update_one({"_id": 1}, [{"$set": {"data": merge_expression("$data", patch)}}])
     stored = (await collection.find_one({"_id": 1}))["data"]
     assert stored == apply_merge_patch(target, patch)
 

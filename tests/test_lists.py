@@ -1,0 +1,187 @@
+"""Lists: filters, sorts, keyset cursors, Link headers, totals."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from pymongo import MongoClient
+
+from service.settings import Settings
+from tests.conftest import Client, create_deployment, create_job
+
+
+async def all_pages(client: Client, path: str) -> tuple[list[dict[str, Any]], int]:
+    """Follow `Link: rel=next` to the end; return the items and the number of pages."""
+    items: list[dict[str, Any]] = []
+    pages = 0
+    url: str | None = path
+    while url:
+        resp = await client.get(url)
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        items += body["items"]
+        pages += 1
+        link = resp.headers.get("Link")
+        assert (link is None) == (body["next_cursor"] is None)
+        url = link[1 : link.index(">")] if link else None
+        if url:
+            assert parse_qs(urlsplit(url).query)["cursor"] == [body["next_cursor"]]
+    return items, pages
+
+
+@pytest.fixture
+async def jobs(client: Client) -> list[dict[str, Any]]:
+    """Twelve jobs over two deployments and two users, with started_at out of id order."""
+    deps = [await create_deployment(client), await create_deployment(client, user_id="bob")]
+    made = []
+    for i in range(12):
+        job = await create_job(
+            client,
+            deps[i % 2]["deployment_id"],
+            user_id=["alice", "bob"][i % 2],
+            started_at=f"2026-01-01T00:{(i * 7) % 12:02d}:00Z",
+        )
+        made.append(job)
+    for job in made[:4]:
+        await client.patch(f"/jobs/{job['job_id']}", json={"task_status": "RUNNING"})
+    for job in made[:2]:
+        await client.patch(f"/jobs/{job['job_id']}", json={"task_status": "FINISHED"})
+    return made
+
+
+@pytest.mark.parametrize("sort", ["id", "-id", "started_at", "-started_at"])
+async def test_pages_cover_everything_once_in_order(
+    client: Client, jobs: list[dict[str, Any]], sort: str
+) -> None:
+    items, pages = await all_pages(client, f"/jobs?limit=5&sort={sort}")
+    assert pages == 3
+    ids = [j["job_id"] for j in items]
+    assert sorted(ids) == sorted(j["job_id"] for j in jobs)
+    key = "job_id" if sort.endswith("id") else "started_at"
+    expected = sorted(items, key=lambda j: (j[key], j["job_id"]), reverse=sort.startswith("-"))
+    assert ids == [j["job_id"] for j in expected]
+
+
+async def test_filters(client: Client, jobs: list[dict[str, Any]]) -> None:
+    async def ids(query: str) -> list[int]:
+        resp = await client.get(f"/jobs?{query}")
+        assert resp.status == 200, await resp.text()
+        return [j["job_id"] for j in (await resp.json())["items"]]
+
+    assert await ids("user_id=bob") == [j["job_id"] for j in jobs if j["user_id"] == "bob"]
+    assert await ids("deployment_id=1") == [j["job_id"] for j in jobs[::2]]
+    assert await ids("task_status=RUNNING") == [jobs[2]["job_id"], jobs[3]["job_id"]]
+    assert await ids("task_status=RUNNING&task_status=FINISHED") == [j["job_id"] for j in jobs[:4]]
+    # Half-open windows: *_after includes the instant, *_before excludes it.
+    window = "started_after=2026-01-01T00:03:00Z&started_before=2026-01-01T00:05:00Z"
+    expected = [j["job_id"] for j in jobs if "00:03:00" <= j["started_at"][11:19] < "00:05:00"]
+    assert sorted(await ids(window)) == sorted(expected) and len(expected) == 2
+    assert await ids("finished_after=2000-01-01T00:00:00Z") == [j["job_id"] for j in jobs[:2]]
+    assert await ids("finished_before=2000-01-01T00:00:00Z") == []
+    assert await ids("user_id=nobody") == []
+
+
+async def test_count_gives_the_whole_filtered_total(
+    client: Client, jobs: list[dict[str, Any]]
+) -> None:
+    body = await (await client.get("/jobs?limit=2&count=true&user_id=alice")).json()
+    assert body["total"] == 6 and len(body["items"]) == 2
+    assert "total" not in await (await client.get("/jobs?limit=2")).json()
+
+
+async def test_deployment_filters(client: Client) -> None:
+    for user in ("alice", "bob", "alice"):
+        await create_deployment(client, user_id=user)
+    body = await (await client.get("/deployments?user_id=alice&sort=-id")).json()
+    assert [d["deployment_id"] for d in body["items"]] == [3, 1]
+    created = body["items"][-1]["created"]
+    after = await (await client.get(f"/deployments?created_after={created}")).json()
+    assert after["items"][0]["deployment_id"] == 1
+    before = await (await client.get(f"/deployments?created_before={created}")).json()
+    assert before["items"] == []
+
+
+async def test_cursor_is_bound_to_its_filters_and_sort(
+    client: Client, jobs: list[dict[str, Any]]
+) -> None:
+    body = await (await client.get("/jobs?limit=2&user_id=alice")).json()
+    cursor = body["next_cursor"]
+    ok = await client.get(f"/jobs?limit=3&user_id=alice&cursor={cursor}")
+    assert ok.status == 200  # the page size may change between pages
+    for other in ("user_id=bob", "", "user_id=alice&sort=-id", "user_id=alice&task_status=ERROR"):
+        resp = await client.get(f"/jobs?{other}&cursor={cursor}")
+        assert resp.status == 400, other
+        assert (await resp.json())["errors"][0]["loc"] == ["query", "cursor"]
+    resp = await client.get(f"/deployments/1/jobs?cursor={cursor}")
+    assert resp.status == 400
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["", "x", "abc.def", "eyJmIjoxfQ.AAAA", "!!!.???", "a.b.c", "%FF", "eyJ4Ijp9.x", "e30.%C3%84"],
+)
+async def test_tampered_cursors_are_400(
+    client: Client, jobs: list[dict[str, Any]], cursor: str
+) -> None:
+    resp = await client.get(f"/jobs?cursor={cursor}")
+    assert resp.status == 400
+
+
+async def test_flipping_any_cursor_character_is_400(
+    client: Client, jobs: list[dict[str, Any]]
+) -> None:
+    cursor = (await (await client.get("/jobs?limit=2")).json())["next_cursor"]
+    for i in range(0, len(cursor), 3):
+        flipped = cursor[:i] + ("A" if cursor[i] != "A" else "B") + cursor[i + 1 :]
+        assert (await client.get(f"/jobs?limit=2&cursor={flipped}")).status == 400
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=1001",
+        "limit=-1",
+        "limit=ten",
+        "limit=1&limit=2",
+        "sort=name",
+        "sort=created",
+        "count=yes",
+        "colour=red",
+        "user_id=",
+        "deployment_id=0",
+        "deployment_id=x",
+        "deployment_id=99999999999999999999",
+        "task_status=DONE",
+        "started_after=yesterday",
+        "started_after=2026-01-01",
+        "started_after=2026-01-01T00:00:00",
+        "started_before=2026-13-01T00:00:00Z",
+        "finished_after=1700000000",
+        "user_id[$ne]=x",
+    ],
+)
+async def test_bad_query_parameters_are_400(client: Client, query: str) -> None:
+    resp = await client.get(f"/jobs?{query}")
+    assert resp.status == 400, query
+    problem = await resp.json()
+    assert problem["type"] == "/problems/bad-request"
+    assert problem["errors"][0]["loc"][0] == "query"
+
+
+async def test_list_filters_use_indexes(client: Client, settings: Settings) -> None:
+    await create_job(client, (await create_deployment(client))["deployment_id"])
+    mongo: MongoClient[dict[str, Any]] = MongoClient(settings.mongodb_url)
+    with mongo:
+        db = mongo[settings.mongodb_db]
+        for flt, sort in [
+            ({"deployment_id": 1}, {"_id": 1}),
+            ({"user_id": "alice"}, {"_id": 1}),
+            ({"task_status": {"$in": ["PENDING"]}}, {"_id": 1}),
+            ({"started_at": {"$gte": datetime(2000, 1, 1, tzinfo=UTC)}}, {"started_at": 1}),
+        ]:
+            plan = db.command("explain", {"find": "jobs", "filter": flt, "sort": sort})
+            assert "IXSCAN" in str(plan["queryPlanner"]["winningPlan"]), flt
