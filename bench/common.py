@@ -98,6 +98,11 @@ class ServiceProcess:
         """The most resident memory the service process has had."""
         return self._status_mb("VmHWM")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the service process has used, from /proc (Linux)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def _status_mb(self, key: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith(f"{key}:"):
@@ -158,6 +163,7 @@ class LoadResult:
     ops: int
     seconds: float
     latencies: list[float]
+    cpu_ms: float = float("nan")  # CPU per operation of the side measured, when recorded
 
     @property
     def rate(self) -> float:

@@ -52,7 +52,8 @@ async def run(env: BenchEnv) -> list[Row]:
                 size = SIZES[(k + n) % len(SIZES)]
                 posts[size].append((await benches[size].post_service(CLIENTS, seconds)).rate)
                 gets[size].append((await get_many(benches[size], seconds)).rate)
-            print(f"   pool: round {n + 1} of {rounds} done", file=sys.stderr, flush=True)
+            done = ", ".join(f"{s}: {posts[s][-1]:.0f}/{gets[s][-1]:.0f}" for s in SIZES)
+            print(f"   pool round {n + 1} (POST/GET req/s) {done}", file=sys.stderr, flush=True)
     best = max(SIZES, key=lambda s: median(posts[s]))
     rows = []
     for size in SIZES:

@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 
+# secantusd-py remembers every retryable write (30 minutes, up to 10,000) and scans them on
+# each write: with retryable writes on, inserts fell from ~700/s to ~110/s as they piled
+# up (~1,200/s steady with them off). A local process has no failover for a retry to cover.
+LOCAL_URL_OPTIONS = "directConnection=true&retryWrites=false"
+
 
 class EmbeddedDatabaseError(RuntimeError):
     """The embedded database could not be started (missing, locked, crashed)."""
@@ -100,7 +105,7 @@ async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str
         stderr=log_file,
         start_new_session=True,  # Ctrl-C reaches the service, which stops the child itself.
     )
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}"
     try:
         await wait_until_ready(url, timeout_s, proc)
         log.info(
@@ -194,7 +199,7 @@ def secantusd_process(storage_path: str, timeout_s: float = 60) -> Iterator[str]
         [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
         + ["--storage-path", storage_path, "--log-level", "ERROR"],
     )
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}"
     try:
         probe: MongoClient[Doc] = MongoClient(url, serverSelectionTimeoutMS=500)
         deadline = time.monotonic() + timeout_s
