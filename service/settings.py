@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     mongodb_db: str = Field("jobservice", min_length=1, description="Database name.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     mongodb_pool_size: int = Field(
-        32, ge=1, le=1000, description="Maximum connections to the database (measured in bench/)."
+        8,
+        ge=1,
+        le=1000,
+        description="Maximum connections to the database (measured: `python -m bench pool`).",
     )
     mongodb_timeout_ms: int = Field(
         5000,
