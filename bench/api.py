@@ -36,6 +36,10 @@ CURSOR_SECRET = "bench-cursor-secret"  # given to the service, so deep cursors c
 JSON_HEADERS = {"Content-Type": "application/json"}
 PATCH_HEADERS = {"Content-Type": "application/merge-patch+json"}
 PAGE = 50
+# secantusd-py scanning 200,000 jobs for one page can stall its heartbeat replies past the
+# service's default 5 s; PyMongo then cancels every operation in flight (a 503). The bench
+# gives the service the driver's own default timeouts instead (README: caveats).
+TIMEOUT_MS = "30000"
 MEMORY_TARGET_REQUESTS = 100_000  # the memory target holds after this many requests
 
 
@@ -508,7 +512,7 @@ async def run(env: BenchEnv) -> list[Row]:
     sizes = Sizes.quick() if env.quick else Sizes()
     db_name = env.db_name(BENCH)
     async with (
-        env.service(db_name, CURSOR_SECRET=CURSOR_SECRET) as svc,
+        env.service(db_name, CURSOR_SECRET=CURSOR_SECRET, MONGODB_TIMEOUT_MS=TIMEOUT_MS) as svc,
         env.client() as mongo,
     ):
         start_mb = svc.rss_mb()
