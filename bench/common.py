@@ -143,6 +143,8 @@ class BenchEnv:
             await _wait_http(f"{url}/readyz", proc)
             yield ServiceProcess(url, proc)
         finally:
+            if proc.poll() is not None:  # a crash, or a signal from outside the bench
+                print(f"the service exited early with code {proc.returncode}", file=sys.stderr)
             proc.terminate()
             try:
                 proc.wait(20)
