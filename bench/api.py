@@ -36,10 +36,11 @@ CURSOR_SECRET = "bench-cursor-secret"  # given to the service, so deep cursors c
 JSON_HEADERS = {"Content-Type": "application/json"}
 PATCH_HEADERS = {"Content-Type": "application/merge-patch+json"}
 PAGE = 50
-# secantusd-py scanning 200,000 jobs for one page can stall its heartbeat replies past the
-# service's default 5 s; PyMongo then cancels every operation in flight (a 503). The bench
-# gives the service the driver's own default timeouts instead (README: caveats).
-TIMEOUT_MS = "30000"
+# secantusd-py scanning 200,000 jobs for one page takes ~12 s and can stall its heartbeat
+# replies past the service's default 5 s; PyMongo then cancels every operation in flight
+# (a 503). The bench gives the service the driver's own defaults instead: 30 s to find a
+# server, no limit on a reply (README: caveats).
+SERVICE_TIMEOUTS = {"MONGODB_TIMEOUT_MS": "30000", "MONGODB_OPERATION_TIMEOUT_MS": "0"}
 MEMORY_TARGET_REQUESTS = 100_000  # the memory target holds after this many requests
 
 
@@ -512,7 +513,7 @@ async def run(env: BenchEnv) -> list[Row]:
     sizes = Sizes.quick() if env.quick else Sizes()
     db_name = env.db_name(BENCH)
     async with (
-        env.service(db_name, CURSOR_SECRET=CURSOR_SECRET, MONGODB_TIMEOUT_MS=TIMEOUT_MS) as svc,
+        env.service(db_name, CURSOR_SECRET=CURSOR_SECRET, **SERVICE_TIMEOUTS) as svc,
         env.client() as mongo,
     ):
         start_mb = svc.rss_mb()

@@ -76,6 +76,10 @@ class PayloadTooLarge(Problem):
     status, slug, title = 413, "payload-too-large", "Payload too large"
 
 
+class RangeNotSatisfiable(Problem):
+    status, slug, title = 416, "range-not-satisfiable", "Range not satisfiable"
+
+
 class UnsupportedMediaType(Problem):
     status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
 

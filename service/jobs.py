@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 
+from . import results
 from .database import DB, Doc, next_ids
 from .errors import Conflict, NotFound, Problem, invalid
 from .http import (
@@ -133,7 +134,8 @@ async def delete_jobs(db: AsyncDatabase[Doc], flt: Doc) -> None:
 
 
 async def delete_job_files(db: AsyncDatabase[Doc], job_ids: list[int]) -> None:
-    """Result files belong to their job; they go with it (GridFS lands with results.py)."""
+    """Result files belong to their job; they go with it."""
+    await results.delete_job_files(db, job_ids)
 
 
 # --- handlers -------------------------------------------------------------------------

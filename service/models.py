@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from beanie import Document
+from beanie import Document, PydanticObjectId
 from pydantic import BaseModel, Field
 from pymongo import ASCENDING, IndexModel
 
@@ -54,6 +54,7 @@ class ResultFile(BaseModel):
     sha256: str
     created: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
+    file_id: PydanticObjectId  # its GridFS file (fs.files _id); not in the public JSON
 
 
 class Deployment(Document):

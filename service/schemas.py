@@ -205,10 +205,22 @@ def public_job(doc: dict[str, Any]) -> dict[str, Any]:
         "parameters": doc.get("parameters", ""),
         "data": doc.get("data", {}),
         "task_status": doc.get("task_status", "PENDING"),
-        "results": [{**r, "created": rfc3339(r.get("created"))} for r in doc.get("results") or []],
+        "results": [public_result(r) for r in doc.get("results") or []],
         "history": [
             {"task_status": h["task_status"], "at": rfc3339(h["at"])}
             for h in doc.get("history") or []
         ],
         "revision": doc.get("revision", 1),
+    }
+
+
+def public_result(entry: dict[str, Any]) -> dict[str, Any]:
+    """One entry of a job's `results`; where its bytes live (`file_id`) stays private."""
+    return {
+        "name": entry["name"],
+        "content_type": entry["content_type"],
+        "size": entry["size"],
+        "sha256": entry["sha256"],
+        "created": rfc3339(entry["created"]),
+        "metadata": entry.get("metadata", {}),
     }

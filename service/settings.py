@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ReadPreferenceName = Literal[
+    "primary", "primaryPreferred", "secondary", "secondaryPreferred", "nearest"
+]
 
 
 class Settings(BaseSettings):
-    """Configuration; each field can be set by the upper-case environment variable."""
+    """Configuration; each field can be set by the upper-case environment variable.
+
+    The README's "Configuration" table lists every field; keep the two in step.
+    """
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
@@ -20,10 +27,14 @@ class Settings(BaseSettings):
         Path(".data"), description="Files of the embedded database (when MONGODB_URL is unset)."
     )
     mongodb_url: str | None = Field(
-        None, description="MongoDB connection string; unset starts the embedded database."
+        None,
+        repr=False,  # may hold a password: never in logs or tracebacks
+        description="MongoDB connection string; unset starts the embedded database.",
     )
     mongodb_db: str = Field("jobservice", min_length=1, description="Database name.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe log level written (any case)."
+    )
     mongodb_pool_size: int = Field(
         8,
         ge=1,
@@ -35,11 +46,44 @@ class Settings(BaseSettings):
         ge=100,
         description="How long to wait for a reachable database before answering 503.",
     )
+    mongodb_operation_timeout_ms: int = Field(
+        30000,
+        ge=0,
+        description="Longest wait for one reply from the database before the request gets "
+        "503 (socketTimeoutMS; 0: no limit). Bounds requests when the database hangs.",
+    )
+    mongodb_analytics_read_preference: ReadPreferenceName = Field(
+        "primary",
+        description="Read preference for analytics reads (statistics, exports); "
+        "secondaryPreferred moves them off the primary of a replica set.",
+    )
     embedded_start_timeout_s: float = Field(
         60.0, gt=0, description="How long to wait for the embedded database to answer."
     )
+    embedded_journal: bool = Field(
+        True,
+        description="Acknowledge writes to the embedded database only once they are in its "
+        "log (journal=true), so they survive its crash; false is faster (measured in README).",
+    )
+    shutdown_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM/SIGINT: how long in-flight requests may take to finish.",
+    )
     cursor_secret: str | None = Field(
         None,
+        repr=False,
         description="Key that signs list cursors; unset: a random key kept in the database, "
         "shared by every instance on it.",
     )
+    max_result_bytes: int = Field(
+        1024**3, ge=0, description="Largest result file a job may store, in bytes (else 413)."
+    )
+    max_results_per_job: int = Field(
+        1000, ge=1, description="Most result files one job may have (else 409)."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
