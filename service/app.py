@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import deployments, imports, jobs, metrics, results
+from . import deployments, imports, jobs, metrics, results, stats
 from .database import (
     DB,
     Database,
@@ -102,4 +102,5 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(metrics.routes)
     results.setup(app, settings)
     app.add_routes(imports.routes)
+    app.add_routes(stats.routes)
     return app

@@ -97,6 +97,8 @@ class Job(Document):
             _index("started_at", "_id"),
             _index("finished_at", "_id"),
             _index("deployment_id", "started_at", "_id"),
+            # Statistics: one user over a time window (see README "Analytics").
+            _index("user_id", "started_at", "_id"),
         ]
 
 

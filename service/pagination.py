@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -86,15 +87,7 @@ def parse_list_query(
     fixed: dict[str, Any] | None = None,
 ) -> ListQuery:
     """Validate every query parameter; anything unknown, repeated or malformed is a 400."""
-    for name in params:
-        if name not in filters and name not in PAGING:
-            raise bad_query(name, "unknown query parameter")
-        if name != "task_status" and len(params.getall(name)) > 1:
-            raise bad_query(name, "given more than once")
-    query = ListQuery(filter=dict(fixed or {}))
-    for name, (doc_field, kind) in filters.items():
-        if name in params:
-            _add_filter(query.filter, name, doc_field, kind, params.getall(name))
+    query = ListQuery(filter=parse_filters(params, filters, PAGING, fixed))
     sort = params.get("sort", "id")
     if sort.removeprefix("-") not in sorts:
         raise bad_query("sort", f"must be one of {', '.join(_sort_names(sorts))}")
@@ -105,6 +98,28 @@ def parse_list_query(
     if "cursor" in params:
         query.after = decode_cursor(params["cursor"], query, key)
     return query
+
+
+def parse_filters(
+    params: MultiMapping[str],
+    filters: dict[str, tuple[str, FilterKind]],
+    allowed: Collection[str] = (),
+    fixed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The MongoDB filter the query asks for; a name neither a filter nor `allowed` is a 400.
+
+    Shared by the lists and the statistics, so both select exactly the same jobs.
+    """
+    for name in params:
+        if name not in filters and name not in allowed:
+            raise bad_query(name, "unknown query parameter")
+        if name != "task_status" and len(params.getall(name)) > 1:
+            raise bad_query(name, "given more than once")
+    flt = dict(fixed or {})
+    for name, (doc_field, kind) in filters.items():
+        if name in params:
+            _add_filter(flt, name, doc_field, kind, params.getall(name))
+    return flt
 
 
 def _sort_names(sorts: dict[str, str]) -> list[str]:

@@ -114,9 +114,15 @@ class Page:
     total: int | None
 
 
-async def fetch_page(collection: AsyncCollection[Doc], query: ListQuery, key: bytes) -> Page:
+async def fetch_page(
+    collection: AsyncCollection[Doc],
+    query: ListQuery,
+    key: bytes,
+    projection: dict[str, Any] | None = None,
+) -> Page:
     """One page in index order; one extra document tells whether there is a next page."""
-    cursor = collection.find(query.mongo_filter()).sort(query.mongo_sort()).limit(query.limit + 1)
+    cursor = collection.find(query.mongo_filter(), projection)
+    cursor = cursor.sort(query.mongo_sort()).limit(query.limit + 1)
     docs = await cursor.to_list(None)
     more = len(docs) > query.limit
     items = docs[: query.limit]

@@ -1,0 +1,419 @@
+"""GET /stats/jobs and /stats/deployments against generated data with known answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from service import stats
+from service.settings import Settings
+from service.stats import StatsQuery, deployment_stats_pipeline, job_stats_pipeline
+
+from .conftest import Client
+from .stats_data import (
+    BASE,
+    DEPLOYMENTS,
+    deployment_doc,
+    expected_stats,
+    job_doc,
+    load,
+    rounded,
+)
+from .test_openapi import conforms
+
+Doc = dict[str, Any]
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def db(client: Client, settings: Settings) -> AsyncIterator[AsyncDatabase[Doc]]:
+    """The test's database, with the service's indexes (the app has started)."""
+    mongo: AsyncMongoClient[Doc] = AsyncMongoClient(settings.mongodb_url, tz_aware=True)
+    yield mongo[settings.mongodb_db]
+    await mongo.close()
+
+
+@pytest.fixture
+async def jobs(db: AsyncDatabase[Doc]) -> list[Doc]:
+    return await load(db)
+
+
+async def get_stats(client: Client, path: str = "/stats/jobs", **params: Any) -> Doc:
+    resp = await client.get(path, params=params)
+    assert resp.status == 200, await resp.text()
+    body: Doc = await resp.json()
+    return body
+
+
+async def bad_request(client: Client, path: str = "/stats/jobs", **params: Any) -> str:
+    resp = await client.get(path, params=params)
+    assert resp.status == 400, await resp.text()
+    assert resp.content_type == "application/problem+json"
+    body = await resp.json()
+    return str(body["detail"])
+
+
+# --- /stats/jobs on the generated data set -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("group_by", "interval", "tz"),
+    [
+        ((), None, "UTC"),
+        (("deployment_id",), "day", "UTC"),
+        (("deployment_id",), "day", "Europe/Berlin"),
+        (("user_id", "task_status"), None, "UTC"),
+        (("task_status", "deployment_id", "user_id"), "week", "America/New_York"),
+        ((), "hour", "Asia/Kolkata"),  # a half-hour offset
+        (("user_id",), "month", "Europe/Berlin"),
+    ],
+)
+async def test_matches_reference(
+    client: Client, jobs: list[Doc], group_by: tuple[str, ...], interval: str | None, tz: str
+) -> None:
+    params: Doc = {"tz": tz}
+    if group_by:
+        params["group_by"] = ",".join(group_by)
+    if interval:
+        params["interval"] = interval
+    body = await get_stats(client, **params)
+    assert rounded(body) == rounded(expected_stats(jobs, group_by, interval, tz))
+
+
+@pytest.mark.parametrize(
+    ("params", "keep"),
+    [
+        ({"user_id": "bob"}, lambda d: d["user_id"] == "bob"),
+        ({"deployment_id": "2"}, lambda d: d["deployment_id"] == 2),
+        (
+            {"task_status": ["FINISHED", "ERROR"]},
+            lambda d: d["task_status"] in ("FINISHED", "ERROR"),
+        ),
+        (
+            {"started_after": "2026-03-27T00:00:00Z", "started_before": "2026-03-30T12:00:00Z"},
+            lambda d: (
+                datetime(2026, 3, 27, tzinfo=UTC)
+                <= d["started_at"]
+                < datetime(2026, 3, 30, 12, tzinfo=UTC)
+            ),
+        ),
+        (
+            {"finished_after": "2026-03-28T00:00:00Z", "user_id": "alice"},
+            lambda d: (
+                d["user_id"] == "alice"
+                and d["finished_at"] is not None
+                and d["finished_at"] >= datetime(2026, 3, 28, tzinfo=UTC)
+            ),
+        ),
+    ],
+)
+async def test_filters_are_those_of_jobs(
+    client: Client, jobs: list[Doc], params: Doc, keep: Any
+) -> None:
+    """The same filters select the same jobs as GET /jobs would."""
+    body = await get_stats(client, **params, group_by="deployment_id", interval="day")
+    wanted = [d for d in jobs if keep(d)]
+    assert wanted  # the case is not vacuous
+    assert rounded(body) == rounded(expected_stats(wanted, ("deployment_id",), "day"))
+    listed = await client.get("/jobs", params={**params, "count": "true", "limit": "1"})
+    assert (await listed.json())["total"] == body["totals"]["count"]
+
+
+async def test_empty_filters_cover_everything(client: Client, jobs: list[Doc]) -> None:
+    body = await get_stats(client)
+    assert body["groups"] == [{"key": {}, **body["totals"]}]
+    assert body["totals"]["count"] == len(jobs)
+    assert sum(body["totals"]["by_status"].values()) == len(jobs)
+
+
+async def test_empty_result(client: Client, jobs: list[Doc]) -> None:
+    body = await get_stats(client, user_id="nobody", group_by="deployment_id", interval="day")
+    empty = {"samples": 0, "min": None, "avg": None, "p50": None, "p95": None, "max": None}
+    assert body == {
+        "group_by": ["deployment_id"],
+        "interval": "day",
+        "tz": "UTC",
+        "groups": [],
+        "totals": {
+            "count": 0,
+            "by_status": {"PENDING": 0, "RUNNING": 0, "FINISHED": 0, "ERROR": 0},
+            "error_rate": None,
+            "queue_time_s": empty,
+            "run_time_s": empty,
+        },
+    }
+
+
+async def test_empty_database(client: Client) -> None:
+    body = await get_stats(client, group_by="user_id")
+    assert body["groups"] == [] and body["totals"]["count"] == 0
+
+
+# --- /stats/jobs on hand-made cases with literal answers ---------------------------------
+
+
+async def test_time_zone_boundaries(client: Client, db: AsyncDatabase[Doc]) -> None:
+    """23:30 UTC is the next day in Berlin; buckets are the UTC instants they begin at."""
+    await db.jobs.insert_many(
+        [
+            job_doc(1, 1, "alice", datetime(2026, 3, 1, 23, 30, tzinfo=UTC)),
+            job_doc(2, 1, "alice", datetime(2026, 3, 1, 22, 30, tzinfo=UTC)),
+            # Sunday 23:30 UTC is Monday 01:30 in Berlin (summer time since that night).
+            job_doc(3, 1, "alice", datetime(2026, 3, 29, 23, 30, tzinfo=UTC)),
+            # 22:30 UTC on March 31 is April 1 00:30 in Berlin.
+            job_doc(4, 1, "alice", datetime(2026, 3, 31, 22, 30, tzinfo=UTC)),
+        ]
+    )
+
+    async def buckets(interval: str, tz: str) -> dict[str, int]:
+        body = await get_stats(client, interval=interval, tz=tz)
+        return {g["key"]["bucket"]: g["count"] for g in body["groups"]}
+
+    assert await buckets("day", "UTC") == {
+        "2026-03-01T00:00:00.000Z": 2,
+        "2026-03-29T00:00:00.000Z": 1,
+        "2026-03-31T00:00:00.000Z": 1,
+    }
+    assert await buckets("day", "Europe/Berlin") == {
+        "2026-02-28T23:00:00.000Z": 1,  # March 1 in Berlin (UTC+1)
+        "2026-03-01T23:00:00.000Z": 1,  # March 2
+        "2026-03-29T22:00:00.000Z": 1,  # March 30 (UTC+2)
+        "2026-03-31T22:00:00.000Z": 1,  # April 1
+    }
+    assert await buckets("week", "UTC") == {
+        "2026-02-23T00:00:00.000Z": 2,  # weeks begin on Monday
+        "2026-03-23T00:00:00.000Z": 1,
+        "2026-03-30T00:00:00.000Z": 1,
+    }
+    assert await buckets("week", "Europe/Berlin") == {
+        "2026-02-22T23:00:00.000Z": 1,
+        "2026-03-01T23:00:00.000Z": 1,
+        "2026-03-29T22:00:00.000Z": 2,
+    }
+    assert await buckets("month", "Europe/Berlin") == {
+        "2026-02-28T23:00:00.000Z": 3,
+        "2026-03-31T22:00:00.000Z": 1,
+    }
+    assert await buckets("hour", "Asia/Kolkata") == {
+        "2026-03-01T22:30:00.000Z": 1,  # 04:00 in India (UTC+5:30)
+        "2026-03-01T23:30:00.000Z": 1,
+        "2026-03-29T23:30:00.000Z": 1,
+        "2026-03-31T22:30:00.000Z": 1,
+    }
+
+
+async def test_durations_and_nearest_rank_percentiles(
+    client: Client, db: AsyncDatabase[Doc]
+) -> None:
+    """Run times 1..20 s: p50 is the 10th, p95 the 19th; unfinished jobs add no run time."""
+    docs = [
+        job_doc(i, 1, "alice", T0, [("RUNNING", 500), ("FINISHED", i * 1000)]) for i in range(1, 21)
+    ]
+    docs += [
+        job_doc(21, 1, "alice", T0, [("RUNNING", 2500)]),  # still running: queue time only
+        job_doc(22, 1, "alice", T0),  # pending: neither
+        job_doc(23, 1, "alice", T0, [("ERROR", 100)]),  # never ran: neither
+        job_doc(24, 1, "alice", T0, [("RUNNING", 250), ("ERROR", 30_000)]),
+    ]
+    await db.jobs.insert_many(docs)
+    totals = (await get_stats(client))["totals"]
+    assert totals["count"] == 24
+    assert totals["by_status"] == {"PENDING": 1, "RUNNING": 1, "FINISHED": 20, "ERROR": 2}
+    assert totals["error_rate"] == 2 / 22
+    assert totals["run_time_s"] == {
+        "samples": 21,
+        "min": 1.0,
+        "avg": (210 + 30) / 21,
+        "p50": 11.0,  # rank ceil(10.5) = 11 of 1..20, 30
+        "p95": 20.0,  # rank ceil(19.95) = 20
+        "max": 30.0,
+    }
+    assert totals["queue_time_s"] == {
+        "samples": 22,
+        "min": 0.25,
+        "avg": (20 * 0.5 + 2.5 + 0.25) / 22,
+        "p50": 0.5,
+        "p95": 0.5,
+        "max": 2.5,
+    }
+    one = (await get_stats(client, task_status="ERROR", deployment_id="1"))["totals"]
+    assert one["run_time_s"]["samples"] == 1
+    assert one["run_time_s"]["p50"] == one["run_time_s"]["p95"] == 30.0
+    assert one["error_rate"] == 1.0
+
+
+async def test_error_rate_is_null_when_nothing_ended(
+    client: Client, db: AsyncDatabase[Doc]
+) -> None:
+    await db.jobs.insert_many([job_doc(1, 1, "alice", T0), job_doc(2, 1, "bob", T0)])
+    body = await get_stats(client, group_by="user_id")
+    assert [g["key"] for g in body["groups"]] == [{"user_id": "alice"}, {"user_id": "bob"}]
+    assert all(g["error_rate"] is None for g in body["groups"])
+    assert body["totals"]["run_time_s"]["p95"] is None
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"group_by": "job_name"},
+        {"group_by": ""},
+        {"group_by": "user_id,user_id"},
+        {"group_by": "user_id, task_status"},
+        {"group_by": ["user_id", "task_status"]},  # one comma-separated value, not repeated
+        {"interval": "year"},
+        {"interval": ["day", "hour"]},
+        {"tz": "Mars/Olympus_Mons", "interval": "day"},
+        {"tz": "+02:00"},
+        {"tz": ""},
+        {"tz": "../../etc/passwd"},
+        {"limit": "10"},
+        {"started_after": "yesterday"},
+        {"deployment_id": "0"},
+        {"task_status": "DONE"},
+    ],
+)
+async def test_bad_parameters(client: Client, params: Doc) -> None:
+    detail = await bad_request(client, **params)
+    assert next(iter(params)) in detail
+
+
+async def test_too_many_groups(
+    client: Client, jobs: list[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stats, "MAX_GROUPS", 2)
+    assert "more than 2 groups" in await bad_request(client, group_by="deployment_id")
+    assert (
+        len((await get_stats(client, group_by="deployment_id", deployment_id="1"))["groups"]) == 1
+    )
+
+
+async def test_time_zone_the_database_does_not_know(
+    client: Client, jobs: list[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python's zone list and the server's may differ: still a 400, never a 500."""
+    monkeypatch.setattr(stats, "_time_zones", lambda: frozenset({"Mars/Olympus_Mons"}))
+    assert "tz" in await bad_request(client, interval="day", tz="Mars/Olympus_Mons")
+
+
+# --- /stats/deployments ------------------------------------------------------------------
+
+
+async def test_deployment_stats(client: Client, jobs: list[Doc]) -> None:
+    body = await get_stats(client, "/stats/deployments")
+    assert body["next_cursor"] is None
+    assert [i["deployment_id"] for i in body["items"]] == DEPLOYMENTS
+    for item in body["items"]:
+        mine = [d for d in jobs if d["deployment_id"] == item["deployment_id"]]
+        by_status = {s: sum(d["task_status"] == s for d in mine) for s in item["by_status"]}
+        ended = by_status["FINISHED"] + by_status["ERROR"]
+        last = max((d["started_at"] for d in mine), default=None)
+        assert item == {
+            "deployment_id": item["deployment_id"],
+            "deployment_name": f"dep-{item['deployment_id']}",
+            "user_id": deployment_doc(item["deployment_id"])["user_id"],
+            "count": len(mine),
+            "by_status": by_status,
+            "success_rate": by_status["FINISHED"] / ended if ended else None,
+            "last_job_at": None if last is None else _rfc3339(last),
+            "result_files": sum(len(d["results"]) for d in mine),
+            "result_bytes": sum(r["size"] for d in mine for r in d["results"]),
+        }
+    assert body["items"][-1]["count"] == 0  # deployment 4 has no jobs
+
+
+async def test_deployment_stats_pages_and_filters(client: Client, jobs: list[Doc]) -> None:
+    first = await get_stats(client, "/stats/deployments", limit="3", count="true")
+    assert [i["deployment_id"] for i in first["items"]] == [1, 2, 3]
+    assert first["total"] == 4 and first["next_cursor"]
+    rest = await get_stats(client, "/stats/deployments", limit="3", cursor=first["next_cursor"])
+    assert [i["deployment_id"] for i in rest["items"]] == [4]
+    owned = await get_stats(client, "/stats/deployments", user_id="bob", sort="-id")
+    assert [i["deployment_id"] for i in owned["items"]] == [4, 1]  # bob owns 1 and 4
+    assert owned["items"][1]["count"] == sum(d["deployment_id"] == 1 for d in jobs)
+
+
+@pytest.mark.parametrize(
+    "params", [{"group_by": "user_id"}, {"limit": "0"}, {"cursor": "x.y"}, {"deployment_id": "1"}]
+)
+async def test_deployment_stats_bad_parameters(client: Client, params: Doc) -> None:
+    await bad_request(client, "/stats/deployments", **params)
+
+
+def _rfc3339(value: datetime) -> str:
+    return f"{value.astimezone(UTC):%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+
+
+# --- indexes -------------------------------------------------------------------------------
+
+
+def plan_stages(explain: Any) -> set[str]:
+    """Every plan stage name anywhere in an explain document (shapes differ by server)."""
+    found: set[str] = set()
+    if isinstance(explain, dict):
+        for key, value in explain.items():
+            if key == "stage" and isinstance(value, str):
+                found.add(value)
+            else:
+                found |= plan_stages(value)
+    elif isinstance(explain, list):
+        for value in explain:
+            found |= plan_stages(value)
+    return found
+
+
+START, END = BASE + timedelta(days=2), BASE + timedelta(days=5)
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        {"user_id": "bob"},
+        {"deployment_id": 2},
+        {"task_status": {"$in": ["ERROR"]}},
+        {"started_at": {"$gte": START, "$lt": END}},
+        {"finished_at": {"$gte": START}},
+        {"user_id": "bob", "started_at": {"$gte": START, "$lt": END}},
+        {"deployment_id": 2, "started_at": {"$gte": START}},
+    ],
+)
+async def test_common_filters_use_an_index(
+    db: AsyncDatabase[Doc], jobs: list[Doc], flt: Doc
+) -> None:
+    pipeline = job_stats_pipeline(StatsQuery(flt, ("deployment_id",), "day"))
+    explain = await db.command("explain", {"aggregate": "jobs", "pipeline": pipeline, "cursor": {}})
+    stages = plan_stages(explain)
+    assert "IXSCAN" in stages and "COLLSCAN" not in stages, stages
+
+
+async def test_deployment_stats_use_an_index(db: AsyncDatabase[Doc], jobs: list[Doc]) -> None:
+    pipeline = deployment_stats_pipeline([1, 2])
+    explain = await db.command("explain", {"aggregate": "jobs", "pipeline": pipeline, "cursor": {}})
+    stages = plan_stages(explain)
+    assert "IXSCAN" in stages and "COLLSCAN" not in stages, stages
+
+
+# --- the spec ------------------------------------------------------------------------------
+
+
+async def test_responses_match_the_spec(client: Client, jobs: list[Doc]) -> None:
+    for params in [
+        {},
+        {"group_by": "deployment_id,user_id,task_status", "interval": "week", "tz": "Asia/Tokyo"},
+        {"user_id": "nobody"},
+        {"task_status": "PENDING", "group_by": "user_id"},
+    ]:
+        conforms(await get_stats(client, **params), "JobStats")
+    conforms(
+        await get_stats(client, "/stats/deployments", count="true", limit="2"),
+        "DeploymentStatsList",
+    )
+    resp = await client.get("/stats/jobs", params={"interval": "year"})
+    conforms(await resp.json(), "Problem")
