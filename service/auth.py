@@ -51,7 +51,14 @@ from pymongo import AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from .database import DB, PORT_FILE, Doc, EmbeddedDatabaseError, embedded_server
+from .database import (
+    DB,
+    LOCAL_URL_OPTIONS,
+    PORT_FILE,
+    Doc,
+    EmbeddedDatabaseError,
+    embedded_server,
+)
 from .errors import Forbidden, RequestTimeout, TooManyRequests, Unauthorized, invalid
 from .settings import Settings
 
@@ -638,7 +645,7 @@ async def running_embedded(data_dir: Path) -> str | None:
         port = int((data_dir / PORT_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true&journal=true"
+    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}&journal=true"
     probe: AsyncMongoClient[Doc] = AsyncMongoClient(url, serverSelectionTimeoutMS=1000)
     try:
         await probe.admin.command("ping")

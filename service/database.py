@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 Doc = dict[str, Any]
 INIT_TIMEOUT_S = 600.0  # index builds at start (see init_database)
 
+# secantusd-py remembers every retryable write (30 minutes, up to 10,000) and scans them on
+# each write: with retryable writes on, inserts fell from ~700/s to ~110/s as they piled
+# up (~1,200/s steady with them off). A local process has no failover for a retry to cover.
+LOCAL_URL_OPTIONS = "directConnection=true&retryWrites=false"
+
 
 PORT_FILE = "secantusd.port"  # in DATA_DIR while the embedded server runs
 
@@ -169,7 +174,7 @@ async def embedded_server(
     )
     # journal=true: a write is acknowledged only once it is in the database's log, so an
     # acknowledged write survives the child dying (without it, the last ~second is lost).
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}"
     port_file = data_dir / PORT_FILE
     if journal:
         url += "&journal=true"
@@ -309,7 +314,7 @@ def secantusd_process(storage_path: str, timeout_s: float = 60) -> Iterator[str]
         [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
         + ["--storage-path", storage_path, "--log-level", "ERROR"],
     )
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}"
     try:
         probe: MongoClient[Doc] = MongoClient(url, serverSelectionTimeoutMS=500)
         deadline = time.monotonic() + timeout_s

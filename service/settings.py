@@ -36,7 +36,10 @@ class Settings(BaseSettings):
         "INFO", description="Least severe log level written (any case)."
     )
     mongodb_pool_size: int = Field(
-        32, ge=1, le=1000, description="Maximum connections to the database (measured in bench/)."
+        8,
+        ge=1,
+        le=1000,
+        description="Maximum connections to the database (measured: `python -m bench pool`).",
     )
     mongodb_timeout_ms: int = Field(
         5000,
