@@ -131,6 +131,7 @@ class BenchEnv:
             "MONGODB_URL": self.mongodb_url,
             "MONGODB_DB": db_name,
             "LOG_LEVEL": "WARNING",
+            "AUTH": "disabled",  # benches that measure authentication turn it on
             **env,
         }
         proc = subprocess.Popen(

@@ -12,6 +12,7 @@ from pymongo.errors import PyMongoError
 
 from . import cli
 from .app import create_app
+from .auth import add_keys_command, keys_command
 from .database import EmbeddedDatabaseError
 from .logs import configure_logging
 from .settings import Settings
@@ -26,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (env HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (env PORT)")
     cli.add_commands(commands)
+    add_keys_command(commands)
     args = parser.parse_args(argv)
     if args.command in cli.COMMANDS:
         return cli.run(args)
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"invalid settings: {problems}", file=sys.stderr)
         return 2
+    if args.command == "keys":
+        return keys_command(args, settings)
     configure_logging(settings.log_level)
     log.info(
         "starting on http://%s:%d (database %r, %s)",

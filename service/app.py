@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import deployments, imports, jobs, metrics, results, stats
+from . import auth, deployments, imports, jobs, metrics, results, stats
 from .database import (
     DB,
     Database,
@@ -90,10 +90,12 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[request_middleware, metrics.metrics_middleware, problem_middleware],
         client_max_size=MAX_JSON_BODY,
+        handler_args=auth.HEADER_LIMITS,
     )
     app.on_response_prepare.append(add_request_id_header)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
+    auth.setup(app, settings)  # after the problem middleware and the database
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.yaml", openapi)

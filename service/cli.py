@@ -1,5 +1,7 @@
 """Client commands for a running service: `import` and `export` of NDJSON files.
 
+With auth on, set API_KEY to a key (e.g. `API_KEY=$(cat .data/admin-key)`).
+
 Both stream: a file of any size goes up or comes down in constant memory. Files ending in
 `.gz` are (de)compressed on the fly; `-` is standard input or output.
 """
@@ -124,6 +126,13 @@ def say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def client_session() -> aiohttp.ClientSession:
+    """Sends the key in API_KEY (when set) as `Authorization: Bearer ...`."""
+    key = os.environ.get("API_KEY", "").strip()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return aiohttp.ClientSession(timeout=TIMEOUT, headers=headers)
+
+
 # --- import ----------------------------------------------------------------------------
 
 
@@ -202,7 +211,7 @@ async def send(
     headers = {"Content-Type": NDJSON}
     try:
         async with (
-            aiohttp.ClientSession(timeout=TIMEOUT) as session,
+            client_session() as session,
             session.post(url, params=params, data=body(), headers=headers) as resp,
         ):
             if resp.status != 200:
@@ -229,6 +238,8 @@ def write_lines(source: IO[bytes], numbers: set[int], target: str) -> None:
 async def problem(resp: aiohttp.ClientResponse) -> str:
     """The detail of a problem+json answer, or what there is."""
     text = await resp.text()
+    if resp.status == 401:
+        return f"401 {'API_KEY is not a valid key' if os.environ.get('API_KEY') else 'set API_KEY'}"
     with contextlib.suppress(ValueError, TypeError, KeyError):
         return f"{resp.status} {orjson.loads(text)['detail']}"
     return f"{resp.status} {text[:200]}"
@@ -243,7 +254,7 @@ async def export_file(url: str, kind: str, filters: list[tuple[str, str]], outpu
     progress = Progress("received")
     try:
         async with (
-            aiohttp.ClientSession(timeout=TIMEOUT) as session,
+            client_session() as session,
             session.get(f"{url.rstrip('/')}/export/{kind}", params=filters) as resp,
         ):
             if resp.status != 200:

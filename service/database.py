@@ -53,6 +53,9 @@ INIT_TIMEOUT_S = 600.0  # index builds at start (see init_database)
 LOCAL_URL_OPTIONS = "directConnection=true&retryWrites=false"
 
 
+PORT_FILE = "secantusd.port"  # in DATA_DIR while the embedded server runs
+
+
 class EmbeddedDatabaseError(RuntimeError):
     """The embedded database could not be started (missing, locked, crashed)."""
 
@@ -172,12 +175,14 @@ async def embedded_server(
     # journal=true: a write is acknowledged only once it is in the database's log, so an
     # acknowledged write survives the child dying (without it, the last ~second is lost).
     url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}"
+    port_file = data_dir / PORT_FILE
     if journal:
         url += "&journal=true"
     embedded = EmbeddedDatabase(url, proc, data_dir)
     watcher: asyncio.Task[None] | None = None
     try:
         await wait_until_ready(embedded.url, timeout_s, proc)
+        port_file.write_text(f"{port}\n")  # for `keys` commands
         log.info(
             "embedded database (SecantusDB secantusd-py, pid %d) on port %d, files in %s",
             proc.pid,
@@ -188,6 +193,7 @@ async def embedded_server(
         watcher = asyncio.create_task(watch_embedded(embedded))
         yield embedded
     finally:
+        port_file.unlink(missing_ok=True)
         if watcher is not None:
             watcher.cancel()
         if proc.returncode is None:

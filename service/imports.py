@@ -51,8 +51,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from . import app as assembly  # for SETTINGS; app.py imports this module (no cycle at run time)
+from .auth import ANONYMOUS_ADMIN, Principal, deadline_stream, owner_filter, principal
 from .database import DB, Doc, analytics_db, ensure_counter, next_ids
-from .errors import BadRequest, Problem, UnsupportedMediaType, bad_query
+from .errors import BadRequest, Problem, UnsupportedMediaType, ValidationFailed, bad_query
 from .http import check_query, json_response
 from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
 from .metrics import IMPORT_ROWS
@@ -69,10 +70,10 @@ from .pagination import (
 from .results import MAX_CONTENT_TYPE, MAX_METADATA, MEDIA_TYPE, check_name
 from .schemas import (
     Name,
+    OwnerId,
     Parameters,
     PositiveId,
     Timestamp,
-    UserId,
     public_deployment,
     public_job,
 )
@@ -135,6 +136,7 @@ class Record(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     not_null: ClassVar[frozenset[str]] = frozenset()  # optional, but never null
+    user_id: OwnerId = None  # omitted: the caller (auth.Principal.claim)
 
     @model_validator(mode="before")
     @classmethod
@@ -167,7 +169,6 @@ class DeploymentRecord(Record):
     not_null = frozenset({"deployment_id", "created"})
     deployment_id: GivenId | None = None
     deployment_name: Name | None = None
-    user_id: UserId
     created: Timestamp | None = None
     parameters: Parameters = ""
     data: Any = Field(default_factory=dict)
@@ -214,7 +215,6 @@ class JobRecord(Record):
     not_null = frozenset({"job_id", "started_at", "history"})
     job_id: GivenId | None = None
     job_name: Name | None = None
-    user_id: UserId
     deployment_id: PositiveId
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
@@ -543,14 +543,20 @@ class Importer:
     """One import: batches are read and validated while the previous one is written."""
 
     def __init__(
-        self, db: AsyncDatabase[Doc], kind: Kind, on_conflict: OnConflict, stream: StreamReader
+        self,
+        db: AsyncDatabase[Doc],
+        kind: Kind,
+        on_conflict: OnConflict,
+        stream: StreamReader,
+        caller: Principal = ANONYMOUS_ADMIN,
     ) -> None:
         self.db = db
         self.kind = kind
         self.on_conflict = on_conflict
+        self.caller = caller  # whose records these may be (403 at the first that is not)
         self.reader = LineReader(stream)
         self.given, self.assigned = IdSet(), IdSet()  # ids of this import
-        self.known_parents: set[int] = set()  # deployments known to exist
+        self.known_parents: dict[int, str] = {}  # deployments known to exist, their owners
         self.report = Report()
 
     async def run(self) -> Report:
@@ -579,9 +585,13 @@ class Importer:
                 continue
             try:
                 record = parse_record(self.kind.model, line)
+                record.user_id = self.caller.claim(record.user_id, [f"line {number}", "user_id"])
                 record.complete(at)
             except RecordError as exc:
                 batch.fail(number, exc.detail)
+                continue
+            except ValidationFailed:  # no user_id, and auth disabled: nobody to default to
+                batch.fail(number, "user_id: Field required")
                 continue
             record_id = record.record_id()
             if record_id is not None and (problem := self.duplicate(record_id)):
@@ -607,23 +617,29 @@ class Importer:
     ) -> list[tuple[int, Record]]:
         """Jobs must name existing deployments: one `$in` query per batch, and a cache."""
         ids = {i for _, record in records if (i := record.parent_id()) is not None}
-        missing = ids - self.known_parents
-        found = await self.existing_parents(missing) if missing else set()
-        exists = (ids & self.known_parents) | found
+        missing = ids - self.known_parents.keys()
+        found = await self.existing_parents(missing) if missing else {}
+        owners = {i: self.known_parents[i] for i in ids & self.known_parents.keys()} | found
         if len(self.known_parents) + len(found) > KNOWN_PARENTS_CACHE:
             self.known_parents.clear()
         self.known_parents |= found
         kept = []
         for number, record in records:
-            if record.parent_id() in exists:
+            parent = record.parent_id()
+            assert parent is not None and record.user_id is not None  # a job, claimed above
+            # The deployment must match auth.same_owner (its owner is the job's, when auth
+            # is on); another user's reads exactly like a missing one.
+            required = self.caller.same_owner(record.user_id)
+            if parent in owners and required.items() <= {"user_id": owners[parent]}.items():
                 kept.append((number, record))
             else:
                 batch.fail(number, f"deployment_id: no deployment with id {record.parent_id()}")
         return kept
 
-    async def existing_parents(self, ids: set[int]) -> set[int]:
-        cursor = self.db.deployments.find({"_id": {"$in": sorted(ids)}}, {"_id": 1})
-        return {doc["_id"] async for doc in cursor}
+    async def existing_parents(self, ids: set[int]) -> dict[int, str]:
+        """The deployments among `ids` that exist, with their owners."""
+        cursor = self.db.deployments.find({"_id": {"$in": sorted(ids)}}, {"user_id": 1})
+        return {doc["_id"]: doc["user_id"] async for doc in cursor}
 
     async def assign_ids(self, records: list[tuple[int, Record]], batch: Batch) -> None:
         """Explicit ids first move the counter past them (before they are written, so a
@@ -661,7 +677,10 @@ class Importer:
         result: Mapping[str, Any]
         try:
             if replace:
-                ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in batch.docs]
+                # Only the caller's own records are replaced: another user's id is a
+                # duplicate key, reported like any record that exists ("already exists").
+                owner = self.caller.owner_filter()
+                ops = [ReplaceOne({**owner, "_id": d["_id"]}, d, upsert=True) for d in batch.docs]
                 result = (await collection.bulk_write(ops, ordered=False)).bulk_api_result
             else:
                 await collection.insert_many(batch.docs, ordered=False)
@@ -691,7 +710,7 @@ class Importer:
                 batch.fail(batch.lines[i], f"not written: {error.get('errmsg', 'refused')}")
             elif self.on_conflict == "skip":
                 batch.skipped += 1
-            elif self.on_conflict == "fail":
+            elif self.on_conflict == "fail" or self.caller.owner_filter():
                 batch.fail(batch.lines[i], f"{record_id} already exists")
             else:
                 batch.fail(batch.lines[i], f"{record_id} was written concurrently; retry")
@@ -704,10 +723,11 @@ class Importer:
         jobs.create_job does), so no import leaves a job without its deployment.
         """
         ids: set[int] = {batch.docs[i]["deployment_id"] for i in written}
-        gone = ids - await self.existing_parents(ids) if ids else set()
+        gone = ids - (await self.existing_parents(ids)).keys() if ids else set()
         if not gone:
             return written
-        self.known_parents -= gone
+        for parent in gone:
+            self.known_parents.pop(parent, None)
         orphans = [i for i in written if batch.docs[i]["deployment_id"] in gone]
         await collection.delete_many(
             {
@@ -751,7 +771,8 @@ async def import_records(request: web.Request, kind_name: str) -> web.Response:
         raise UnsupportedMediaType(
             f"Content-Type must be {NDJSON}, not {request.content_type or 'empty'!r}."
         )
-    importer = Importer(request.app[DB].db, kind, on_conflict, request.content)
+    stream = deadline_stream(request)  # each read within BODY_TIMEOUT_S
+    importer = Importer(request.app[DB].db, kind, on_conflict, stream, principal(request))
     started = asyncio.get_running_loop().time()
     try:
         report = await importer.run()
@@ -795,7 +816,9 @@ async def export_records(request: web.Request, kind_name: str) -> web.StreamResp
     for name in request.query:
         if name in PAGING:
             raise bad_query(name, "unknown query parameter (an export is neither paged nor sorted)")
-    query = parse_list_query(request.query, kind.filters, kind.sorts, database.cursor_key)
+    query = parse_list_query(
+        request.query, kind.filters, kind.sorts, database.cursor_key, owner_filter(request)
+    )
     source = analytics_db(database.db, request.app[assembly.SETTINGS])  # may be a secondary
     cursor = source[kind.name].find(query.filter).sort("_id", 1).batch_size(EXPORT_BATCH)
     try:

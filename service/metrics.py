@@ -165,7 +165,9 @@ routes = web.RouteTableDef()
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     # Imported here: database imports this module (for COMMAND_METRICS) at its top.
+    from .auth import require_admin
     from .database import DB
 
+    require_admin(request)  # the figures cover every user's records
     await count_jobs(request.app[DB].db)
     return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE})

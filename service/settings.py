@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ReadPreferenceName = Literal[
@@ -82,6 +82,40 @@ class Settings(BaseSettings):
     max_results_per_job: int = Field(
         1000, ge=1, description="Most result files one job may have (else 409)."
     )
+
+    # --- authentication (service/auth.py) ---
+    auth: Literal["enabled", "disabled"] = Field(
+        "enabled", description="`disabled` lets every request act as an admin (development only)."
+    )
+    service_admin_key: SecretStr | None = Field(
+        None, min_length=20, description="An admin key given through the environment."
+    )
+    oidc_jwks_url: str | None = Field(
+        None, description="JWKS of an OpenID Connect provider: its bearer JWTs are accepted too."
+    )
+    oidc_audience: str | None = Field(None, description="Required `aud` of accepted JWTs.")
+    oidc_issuer: str | None = Field(None, description="Required `iss` of accepted JWTs.")
+    oidc_user_claim: str = Field("sub", min_length=1, description="Claim naming the user.")
+    oidc_admin_claim: str | None = Field(
+        None, description="Claim (dotted path, e.g. realm_access.roles) that can make an admin."
+    )
+    oidc_admin_value: str = Field("admin", description="Value of that claim that makes an admin.")
+    oidc_jwks_refresh_s: float = Field(
+        60.0, ge=0, description="Refetch the JWKS for an unknown key id at most this often."
+    )
+    auth_failures_per_minute: int = Field(
+        20, ge=1, description="Failed authentications per client address per minute before 429."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not fully received by then is answered 408."
+    )
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        """A JWKS alone would accept tokens meant for any audience: require all three."""
+        if self.oidc_jwks_url and not (self.oidc_audience and self.oidc_issuer):
+            raise ValueError("OIDC_JWKS_URL needs OIDC_AUDIENCE and OIDC_ISSUER too")
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
