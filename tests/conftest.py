@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from pymongo import MongoClient
+from pymongo import AsyncMongoClient, MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
@@ -110,3 +110,11 @@ async def create_job(client: Client, deployment_id: int, **fields: Any) -> dict[
     assert resp.status == 201, await resp.text()
     result: dict[str, Any] = await resp.json()
     return result
+
+
+@pytest.fixture
+async def db(client: Client, settings: Settings) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """The test's database, with the service's indexes (the app has started)."""
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongodb_url, tz_aware=True)
+    yield mongo[settings.mongodb_db]
+    await mongo.close()
