@@ -46,6 +46,9 @@ EXPOSE 8080
 
 # slim has no curl: probe with the stdlib. urlopen raises on non-2xx/connection errors -> exit 1.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=3); sys.exit(0 if r.status == 200 else 1)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8080'), timeout=3); sys.exit(0 if r.status == 200 else 1)"]
 
-CMD ["python", "-m", "service", "serve", "--host", "0.0.0.0", "--port", "8080"]
+# SIGTERM (docker stop): stop accepting, finish in-flight requests within SHUTDOWN_TIMEOUT_S,
+# close the database client, exit 0. HOST and PORT come from the environment above.
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "service", "serve"]

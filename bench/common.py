@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,11 @@ class ServiceProcess:
         """The most resident memory the service process has had."""
         return self._status_mb("VmHWM")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the service process has used, from /proc (Linux)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def _status_mb(self, key: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith(f"{key}:"):
@@ -126,6 +131,7 @@ class BenchEnv:
             "MONGODB_URL": self.mongodb_url,
             "MONGODB_DB": db_name,
             "LOG_LEVEL": "WARNING",
+            "AUTH": "disabled",  # benches that measure authentication turn it on
             **env,
         }
         proc = subprocess.Popen(
@@ -138,6 +144,8 @@ class BenchEnv:
             await _wait_http(f"{url}/readyz", proc)
             yield ServiceProcess(url, proc)
         finally:
+            if proc.poll() is not None:  # a crash, or a signal from outside the bench
+                print(f"the service exited early with code {proc.returncode}", file=sys.stderr)
             proc.terminate()
             try:
                 proc.wait(20)
@@ -145,6 +153,72 @@ class BenchEnv:
                 proc.kill()
             async with self.client() as c:
                 await c.drop_database(db_name)
+
+
+class Exhausted(Exception):
+    """Raised by a load operation that has no work left (e.g. no PENDING job to move)."""
+
+
+@dataclass
+class LoadResult:
+    """What a closed loop did: operations completed, wall time, each one's latency."""
+
+    ops: int
+    seconds: float
+    latencies: list[float]
+    cpu_ms: float = float("nan")  # CPU per operation of the side measured, when recorded
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds if self.seconds else 0.0
+
+    def percentile_ms(self, p: float) -> float:
+        """The p-th percentile latency in ms (nearest rank)."""
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        rank = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))
+        return ordered[rank] * 1000
+
+
+async def closed_loop(
+    clients: int,
+    op: Callable[[int], Awaitable[object]],
+    *,
+    seconds: float | None = None,
+    total: int | None = None,
+) -> LoadResult:
+    """`clients` workers each run `op(worker)` back to back until the time or count is up.
+
+    A closed loop: a worker sends its next request only when the previous one answered,
+    so `clients` is the concurrency the server sees. An `op` raising Exhausted stops its
+    worker; any other exception ends the whole run (a failed request is a bench bug).
+    """
+    latencies: list[float] = []
+    start = time.perf_counter()
+    deadline = start + seconds if seconds is not None else float("inf")
+    left = [total if total is not None else -1]
+
+    async def worker(n: int) -> None:
+        while time.perf_counter() < deadline and left[0] != 0:
+            left[0] -= 1
+            t = time.perf_counter()
+            try:
+                await op(n)
+            except Exhausted:
+                return
+            latencies.append(time.perf_counter() - t)
+
+    async with asyncio.TaskGroup() as group:
+        for n in range(clients):
+            group.create_task(worker(n))
+    return LoadResult(len(latencies), time.perf_counter() - start, latencies)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 async def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:

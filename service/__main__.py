@@ -1,4 +1,4 @@
-"""Command line: `python -m service serve [--host H] [--port P]`."""
+"""Command line: `python -m service serve [--host H] [--port P]`; `import`, `export`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ import sys
 
 from aiohttp import web
 from pydantic import ValidationError
+from pymongo.errors import PyMongoError
 
+from . import cli
 from .app import create_app
+from .auth import add_keys_command, keys_command
 from .database import EmbeddedDatabaseError
+from .logs import configure_logging
 from .settings import Settings
+
+log = logging.getLogger("service")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,19 +26,31 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", help="address to listen on (env HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (env PORT)")
+    cli.add_commands(commands)
+    add_keys_command(commands)
     args = parser.parse_args(argv)
+    if args.command in cli.COMMANDS:
+        return cli.run(args)
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
+        # One line naming each bad variable; never the value (it may be a secret).
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
         )
         print(f"invalid settings: {problems}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if args.command == "keys":
+        return keys_command(args, settings)
+    configure_logging(settings.log_level)
+    log.info(
+        "starting on http://%s:%d (database %r, %s)",
+        settings.host,
+        settings.port,
+        settings.mongodb_db,
+        "MONGODB_URL" if settings.mongodb_url else f"embedded, files in {settings.data_dir}",
     )
     try:
         web.run_app(
@@ -40,11 +58,16 @@ def main(argv: list[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             print=lambda *_: None,
-            access_log_format='%a "%r" %s %b %Tfs',
+            access_log=None,  # service.logs writes the access log, with the request id
+            shutdown_timeout=settings.shutdown_timeout_s,
         )
-    except EmbeddedDatabaseError as exc:
-        logging.getLogger("service").error("%s", exc)
+    except (EmbeddedDatabaseError, OSError) as exc:  # e.g. the port is taken, DATA_DIR locked
+        log.error("cannot start: %s", exc)
         return 1
+    except PyMongoError as exc:  # the database did not answer at start
+        log.error("cannot start: the database: %s: %s", exc.__class__.__name__, exc)
+        return 1
+    log.info("stopped")
     return 0
 
 

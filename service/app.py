@@ -9,10 +9,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import deployments, jobs, results, stats
+from . import auth, deployments, imports, jobs, metrics, results, stats
 from .database import (
     DB,
     Database,
+    EmbeddedDatabase,
     cursor_secret,
     embedded_server,
     init_database,
@@ -20,6 +21,7 @@ from .database import (
 )
 from .errors import RETRY_AFTER_S, DatabaseUnavailable, problem_middleware
 from .http import MAX_JSON_BODY, json_response
+from .logs import add_request_id_header, request_middleware
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,16 +38,21 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with contextlib.AsyncExitStack() as stack:
         url = settings.mongodb_url
+        embedded: EmbeddedDatabase | None = None
         if url is None:
             log.info("MONGODB_URL is not set: starting the embedded database")
-            url = await stack.enter_async_context(
-                embedded_server(settings.data_dir, settings.embedded_start_timeout_s)
+            embedded = await stack.enter_async_context(
+                embedded_server(
+                    settings.data_dir, settings.embedded_start_timeout_s, settings.embedded_journal
+                )
             )
+            url = embedded.url
         client = make_client(url, settings)
         stack.push_async_callback(client.close)
         db = client[settings.mongodb_db]
         await init_database(db)
-        app[DB] = Database(client, db, await cursor_secret(db, settings.cursor_secret))
+        key = await cursor_secret(db, settings.cursor_secret)
+        app[DB] = Database(client, db, key, embedded)
         log.info("database %r ready", settings.mongodb_db)
         yield
 
@@ -55,8 +62,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    database = request.app[DB]
+    if database.embedded is not None and database.embedded.exit_code is not None:
+        raise DatabaseUnavailable(
+            f"The embedded database exited (code {database.embedded.exit_code}); "
+            "restart the service, its data is kept.",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )
     try:
-        await request.app[DB].client.admin.command("ping")
+        await database.client.admin.command("ping")
     except Exception as exc:
         log.warning("readiness check failed: %s", exc.__class__.__name__)
         raise DatabaseUnavailable(
@@ -73,14 +87,22 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_JSON_BODY)
+    app = web.Application(
+        middlewares=[request_middleware, metrics.metrics_middleware, problem_middleware],
+        client_max_size=MAX_JSON_BODY,
+        handler_args=auth.HEADER_LIMITS,
+    )
+    app.on_response_prepare.append(add_request_id_header)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
+    auth.setup(app, settings)  # after the problem middleware and the database
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.yaml", openapi)
     app.add_routes(deployments.routes)
     app.add_routes(jobs.routes)
+    app.add_routes(metrics.routes)
     results.setup(app, settings)
+    app.add_routes(imports.routes)
     app.add_routes(stats.routes)
     return app

@@ -9,30 +9,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pymongo
 from aiohttp import web
 from beanie import init_beanie
 from pymongo import AsyncMongoClient, MongoClient, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.read_preferences import (
+    Nearest,
+    Primary,
+    PrimaryPreferred,
+    Secondary,
+    SecondaryPreferred,
+    _ServerMode,
+)
 
+from .metrics import COMMAND_METRICS
 from .models import DOCUMENT_MODELS
-from .settings import Settings
+from .settings import ReadPreferenceName, Settings
 
 log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
+INIT_TIMEOUT_S = 600.0  # index builds at start (see init_database)
+
+# secantusd-py remembers every retryable write (30 minutes, up to 10,000) and scans them on
+# each write: with retryable writes on, inserts fell from ~700/s to ~110/s as they piled
+# up (~1,200/s steady with them off). A local process has no failover for a retry to cover.
+LOCAL_URL_OPTIONS = "directConnection=true&retryWrites=false"
+
+
+PORT_FILE = "secantusd.port"  # in DATA_DIR while the embedded server runs
 
 
 class EmbeddedDatabaseError(RuntimeError):
@@ -79,9 +100,59 @@ async def wait_until_ready(url: str, timeout_s: float, proc: asyncio.subprocess.
         await client.close()
 
 
+@dataclass
+class EmbeddedDatabase:
+    """The running embedded server: where it listens, and whether it is still alive."""
+
+    url: str
+    proc: asyncio.subprocess.Process
+    data_dir: Path
+
+    @property
+    def exit_code(self) -> int | None:
+        """None while it runs; its exit code once it has exited."""
+        return self.proc.returncode
+
+
+async def watch_embedded(embedded: EmbeddedDatabase) -> None:
+    """Say clearly, once, when the embedded server dies under the running service."""
+    code = await embedded.proc.wait()
+    log.error(
+        "the embedded database (secantusd-py, pid %d) exited with code %d: requests get 503 "
+        "until the service is restarted; its data in %s is kept (see secantusd.log there)",
+        embedded.proc.pid,
+        code,
+        embedded.data_dir,
+        extra={"embedded_pid": embedded.proc.pid, "exit_code": code},
+    )
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a function that makes a forked child get SIGTERM when the service dies.
+
+    Without it, a service killed with SIGKILL (the OOM killer, `kill -9`) leaves the
+    database running and holding DATA_DIR, and the next `make run` cannot open it. libc's
+    prctl is looked up here, before any fork, so the child only calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+DIE_WITH_PARENT = _die_with_parent()
+
+
 @contextlib.asynccontextmanager
-async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str]:
-    """Run `secantusd-py` on a free loopback port with its files in `data_dir`; yield its URL."""
+async def embedded_server(
+    data_dir: Path, timeout_s: float, journal: bool = True
+) -> AsyncIterator[EmbeddedDatabase]:
+    """Run `secantusd-py` on a free loopback port with its files in `data_dir`.
+
+    While it runs, a background task watches it and logs an error if it exits; on the way
+    out it is stopped with SIGTERM (so it closes its files cleanly), SIGKILL after 15 s.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at start)
     port = free_port()
     log_file = (data_dir / "secantusd.log").open("ab")
@@ -99,18 +170,32 @@ async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str
         stdout=log_file,
         stderr=log_file,
         start_new_session=True,  # Ctrl-C reaches the service, which stops the child itself.
+        preexec_fn=DIE_WITH_PARENT,
     )
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    # journal=true: a write is acknowledged only once it is in the database's log, so an
+    # acknowledged write survives the child dying (without it, the last ~second is lost).
+    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}"
+    port_file = data_dir / PORT_FILE
+    if journal:
+        url += "&journal=true"
+    embedded = EmbeddedDatabase(url, proc, data_dir)
+    watcher: asyncio.Task[None] | None = None
     try:
-        await wait_until_ready(url, timeout_s, proc)
+        await wait_until_ready(embedded.url, timeout_s, proc)
+        port_file.write_text(f"{port}\n")  # for `keys` commands
         log.info(
             "embedded database (SecantusDB secantusd-py, pid %d) on port %d, files in %s",
             proc.pid,
             port,
             data_dir,
+            extra={"embedded_pid": proc.pid},
         )
-        yield url
+        watcher = asyncio.create_task(watch_embedded(embedded))
+        yield embedded
     finally:
+        port_file.unlink(missing_ok=True)
+        if watcher is not None:
+            watcher.cancel()
         if proc.returncode is None:
             proc.terminate()
             try:
@@ -119,25 +204,59 @@ async def embedded_server(data_dir: Path, timeout_s: float) -> AsyncIterator[str
                 proc.kill()
                 await proc.wait()
         log_file.close()
-        log.info("embedded database stopped")
+        log.info("embedded database stopped (exit code %s)", proc.returncode)
 
 
 def make_client(url: str, settings: Settings) -> AsyncMongoClient[Doc]:
+    """The one client per process. Every wait is bounded, so no request hangs on the database:
+    finding a server and connecting (MONGODB_TIMEOUT_MS), and each reply
+    (MONGODB_OPERATION_TIMEOUT_MS as socketTimeoutMS: a frozen database does not hang us).
+
+    Not timeoutMS: with it pymongo waits the whole timeoutMS, not serverSelectionTimeoutMS,
+    for an unreachable database. Code with a longer wait in mind (a big aggregation) wraps
+    it in `pymongo.timeout(seconds)`, which takes precedence. Every command is timed for
+    /metrics.
+    """
     return AsyncMongoClient(
         url,
         tz_aware=True,
         maxPoolSize=settings.mongodb_pool_size,
         serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
         connectTimeoutMS=settings.mongodb_timeout_ms,
+        socketTimeoutMS=settings.mongodb_operation_timeout_ms or None,
         appname="jobservice",
+        event_listeners=[COMMAND_METRICS],
     )
 
 
+READ_PREFERENCES: dict[ReadPreferenceName, _ServerMode] = {
+    "primary": Primary(),
+    "primaryPreferred": PrimaryPreferred(),
+    "secondary": Secondary(),
+    "secondaryPreferred": SecondaryPreferred(),
+    "nearest": Nearest(),
+}
+
+
+def analytics_db(db: AsyncDatabase[Doc], settings: Settings) -> AsyncDatabase[Doc]:
+    """`db` reading with MONGODB_ANALYTICS_READ_PREFERENCE: for statistics and exports, which
+    tolerate slightly stale data and so can be served by secondaries instead of the primary."""
+    mode = READ_PREFERENCES[settings.mongodb_analytics_read_preference]
+    return db.with_options(read_preference=mode)
+
+
 async def init_database(db: AsyncDatabase[Doc]) -> None:
-    """Register the documents with Beanie, which creates their indexes."""
-    await init_beanie(database=db, document_models=DOCUMENT_MODELS)
-    for kind in ("deployments", "jobs"):
-        await ensure_counter(db, kind)
+    """Register the documents with Beanie, which creates their indexes.
+
+    Building an index on a large existing collection can take minutes, longer than
+    MONGODB_OPERATION_TIMEOUT_MS allows one reply: `pymongo.timeout` lifts that limit here,
+    after a ping has shown, within MONGODB_TIMEOUT_MS, that the database answers at all.
+    """
+    await db.command("ping")
+    with pymongo.timeout(INIT_TIMEOUT_S):
+        await init_beanie(database=db, document_models=DOCUMENT_MODELS)
+        for kind in ("deployments", "jobs"):
+            await ensure_counter(db, kind)
 
 
 async def next_ids(db: AsyncDatabase[Doc], kind: str, count: int = 1) -> int:
@@ -178,6 +297,7 @@ class Database:
     client: AsyncMongoClient[Doc]
     db: AsyncDatabase[Doc]
     cursor_key: bytes
+    embedded: EmbeddedDatabase | None = None  # set when the service runs its own database
 
 
 DB = web.AppKey("db", Database)
@@ -194,7 +314,7 @@ def secantusd_process(storage_path: str, timeout_s: float = 60) -> Iterator[str]
         [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
         + ["--storage-path", storage_path, "--log-level", "ERROR"],
     )
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}"
     try:
         probe: MongoClient[Doc] = MongoClient(url, serverSelectionTimeoutMS=500)
         deadline = time.monotonic() + timeout_s

@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 
+from .auth import claim_owner, owner_filter
 from .database import DB, Doc, next_ids
 from .errors import Conflict, NotFound
 from .http import (
@@ -38,41 +39,47 @@ async def create_deployment(db: AsyncDatabase[Doc], body: DeploymentCreate) -> D
 
 
 async def patch_deployment(
-    db: AsyncDatabase[Doc], deployment_id: int, patch: DeploymentPatch, revision: int | None
+    db: AsyncDatabase[Doc],
+    deployment_id: int,
+    patch: DeploymentPatch,
+    revision: int | None,
+    owner: Doc,
 ) -> Doc:
     changes = patch.model_dump(exclude_unset=True)
     if not changes:
-        return await get_checked(db.deployments, deployment_id, revision, "deployment")
+        return await get_checked(db.deployments, deployment_id, revision, "deployment", owner)
     update = field_updates(changes, DEFAULTS)
     return await apply_update(
-        db.deployments, deployment_id, update, revision, lambda _: None, "deployment"
+        db.deployments, deployment_id, update, revision, lambda _: None, "deployment", owner
     )
 
 
 async def delete_deployment(
-    db: AsyncDatabase[Doc], deployment_id: int, cascade: bool, revision: int | None
+    db: AsyncDatabase[Doc], deployment_id: int, cascade: bool, revision: int | None, owner: Doc
 ) -> None:
     """Delete; with `cascade`, its jobs too. Without, refuse while it has jobs.
 
     Job creation re-checks its deployment after inserting (see jobs.create_job), and this
     re-checks for jobs after deleting and puts the deployment back if one slipped in, so
-    no interleaving of the two leaves a job without its deployment.
+    no interleaving of the two leaves a job without its deployment. Only jobs `owner`
+    may see are looked at or deleted.
     """
-    doc = await get_checked(db.deployments, deployment_id, revision, "deployment")
-    if not cascade and await _has_jobs(db, deployment_id):
+    doc = await get_checked(db.deployments, deployment_id, revision, "deployment", owner)
+    jobs = {**owner, "deployment_id": deployment_id}
+    if not cascade and await _has_jobs(db, jobs):
         raise Conflict(_has_jobs_msg(deployment_id))
-    flt: dict[str, Any] = {"_id": deployment_id, "revision": doc["revision"]}
+    flt: dict[str, Any] = {**owner, "_id": deployment_id, "revision": doc["revision"]}
     if (await db.deployments.delete_one(flt)).deleted_count == 0:
-        return await delete_deployment(db, deployment_id, cascade, revision)  # changed: retry
+        return await delete_deployment(db, deployment_id, cascade, revision, owner)  # retry
     if cascade:
-        await delete_jobs(db, {"deployment_id": deployment_id})
-    elif await _has_jobs(db, deployment_id):
+        await delete_jobs(db, jobs)
+    elif await _has_jobs(db, jobs):
         await db.deployments.insert_one(doc)
         raise Conflict(_has_jobs_msg(deployment_id))
 
 
-async def _has_jobs(db: AsyncDatabase[Doc], deployment_id: int) -> bool:
-    return await db.jobs.find_one({"deployment_id": deployment_id}, {"_id": 1}) is not None
+async def _has_jobs(db: AsyncDatabase[Doc], jobs: Doc) -> bool:
+    return await db.jobs.find_one(jobs, {"_id": 1}) is not None
 
 
 def _has_jobs_msg(deployment_id: int) -> str:
@@ -85,6 +92,7 @@ def _has_jobs_msg(deployment_id: int) -> str:
 @routes.post("/deployments")
 async def create(request: web.Request) -> web.Response:
     body = await read_body(request, DeploymentCreate)
+    body.user_id = claim_owner(request, body.user_id)
     doc = await create_deployment(request.app[DB].db, body)
     return record_response(public_deployment(doc), 201, f"/deployments/{doc['_id']}")
 
@@ -93,7 +101,11 @@ async def create(request: web.Request) -> web.Response:
 async def list_all(request: web.Request) -> web.Response:
     database = request.app[DB]
     query = parse_list_query(
-        request.query, DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, database.cursor_key
+        request.query,
+        DEPLOYMENT_FILTERS,
+        DEPLOYMENT_SORTS,
+        database.cursor_key,
+        owner_filter(request),
     )
     page = await fetch_page(database.db.deployments, query, database.cursor_key)
     return page_response(request, page, public_deployment)
@@ -103,7 +115,8 @@ async def list_all(request: web.Request) -> web.Response:
 async def get_one(request: web.Request) -> web.Response:
     deployment_id = path_id(request, "deployment_id", "deployment")
     check_query(request)
-    doc = await request.app[DB].db.deployments.find_one({"_id": deployment_id})
+    flt = {**owner_filter(request), "_id": deployment_id}
+    doc = await request.app[DB].db.deployments.find_one(flt)
     if doc is None:
         raise NotFound(f"No deployment with id {deployment_id}.")
     return record_response(public_deployment(doc))
@@ -113,7 +126,8 @@ async def get_one(request: web.Request) -> web.Response:
 async def patch(request: web.Request) -> web.Response:
     deployment_id = path_id(request, "deployment_id", "deployment")
     body = await read_body(request, DeploymentPatch, patch=True)
-    doc = await patch_deployment(request.app[DB].db, deployment_id, body, if_match(request))
+    revision, owner = if_match(request), owner_filter(request)
+    doc = await patch_deployment(request.app[DB].db, deployment_id, body, revision, owner)
     return record_response(public_deployment(doc))
 
 
@@ -121,5 +135,6 @@ async def patch(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     deployment_id = path_id(request, "deployment_id", "deployment")
     cascade = query_flag(request, "cascade")
-    await delete_deployment(request.app[DB].db, deployment_id, cascade, if_match(request))
+    revision, owner = if_match(request), owner_filter(request)
+    await delete_deployment(request.app[DB].db, deployment_id, cascade, revision, owner)
     return web.Response(status=204)

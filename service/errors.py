@@ -56,6 +56,14 @@ class BadRequest(Problem):
     status, slug, title = 400, "bad-request", "Bad request"
 
 
+class Unauthorized(Problem):
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+
+
+class Forbidden(Problem):
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
 class NotFound(Problem):
     status, slug, title = 404, "not-found", "Not found"
 
@@ -66,6 +74,10 @@ class MethodNotAllowed(Problem):
 
 class Conflict(Problem):
     status, slug, title = 409, "conflict", "Conflict"
+
+
+class RequestTimeout(Problem):
+    status, slug, title = 408, "request-timeout", "Request timeout"
 
 
 class PreconditionFailed(Problem):
@@ -86,6 +98,10 @@ class UnsupportedMediaType(Problem):
 
 class ValidationFailed(Problem):
     status, slug, title = 422, "validation-error", "Validation failed"
+
+
+class TooManyRequests(Problem):
+    status, slug, title = 429, "too-many-requests", "Too many requests"
 
 
 class DatabaseUnavailable(Problem):
@@ -119,12 +135,15 @@ def problem_response(problem: Problem) -> web.Response:
     }
     if problem.errors is not None:
         body["errors"] = problem.errors
-    return web.Response(
+    response = web.Response(
         status=problem.status,
         body=orjson.dumps(body),
         content_type=PROBLEM_JSON,
         headers=problem.headers,
     )
+    if problem.headers.get("Connection") == "close":
+        response.force_close()  # e.g. after a body that never arrived
+    return response
 
 
 def _from_http(exc: web.HTTPException) -> Problem:

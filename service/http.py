@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .auth import body_deadline
 from .errors import BadRequest, NotFound, UnsupportedMediaType, bad_query
 from .schemas import M, validate_body
 from .store import Page
@@ -39,7 +40,9 @@ async def read_body(request: web.Request, model: type[M], *, patch: bool = False
         raise UnsupportedMediaType(
             f"Content-Type must be {' or '.join(allowed)}, not {request.content_type or 'empty'!r}."
         )
-    return validate_body(model, await request.read())
+    async with body_deadline(request):
+        raw = await request.read()
+    return validate_body(model, raw)
 
 
 def path_id(request: web.Request, name: str, what: str) -> int:

@@ -9,6 +9,7 @@ from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 
 from . import results
+from .auth import claim_owner, owner_filter, same_owner
 from .database import DB, Doc, next_ids
 from .errors import Conflict, NotFound, Problem, invalid
 from .http import (
@@ -32,10 +33,15 @@ TERMINAL_NAMES = sorted(str(s) for s in TERMINAL)
 # --- data layer -----------------------------------------------------------------------
 
 
-async def create_job(db: AsyncDatabase[Doc], body: JobCreate) -> Doc:
-    """Insert a PENDING job; its deployment must exist before and after the insert."""
-    if not await _deployment_exists(db, body.deployment_id):
-        raise _no_deployment(body.deployment_id)
+async def create_job(db: AsyncDatabase[Doc], body: JobCreate, deployment_scope: Doc) -> Doc:
+    """Insert a PENDING job; its deployment must exist before and after the insert.
+
+    The deployment must also match `deployment_scope` (auth.same_owner: owned by the job's
+    user); one that does not is reported exactly like a missing one.
+    """
+    assert body.user_id is not None  # filled in by auth.claim_owner
+    if not await _deployment_exists(db, body.deployment_id, deployment_scope):
+        raise _no_deployment(body.deployment_id, deployment_scope)
     started_at = body.started_at or now()
     doc = {
         "_id": await next_ids(db, "jobs"),
@@ -53,29 +59,31 @@ async def create_job(db: AsyncDatabase[Doc], body: JobCreate) -> Doc:
     }
     await db.jobs.insert_one(doc)
     # A concurrent DELETE of the deployment may have passed its own check meanwhile.
-    if not await _deployment_exists(db, body.deployment_id):
+    if not await _deployment_exists(db, body.deployment_id, deployment_scope):
         await db.jobs.delete_one({"_id": doc["_id"]})
-        raise _no_deployment(body.deployment_id)
+        raise _no_deployment(body.deployment_id, deployment_scope)
     return doc
 
 
-async def _deployment_exists(db: AsyncDatabase[Doc], deployment_id: int) -> bool:
-    return await db.deployments.find_one({"_id": deployment_id}, {"_id": 1}) is not None
+async def _deployment_exists(db: AsyncDatabase[Doc], deployment_id: int, scope: Doc) -> bool:
+    flt = {**scope, "_id": deployment_id}
+    return await db.deployments.find_one(flt, {"_id": 1}) is not None
 
 
-def _no_deployment(deployment_id: int) -> Problem:
-    return invalid(["body", "deployment_id"], f"no deployment with id {deployment_id}")
+def _no_deployment(deployment_id: int, scope: Doc) -> Problem:
+    owner = f" of user {scope['user_id']!r}" if "user_id" in scope else ""
+    return invalid(["body", "deployment_id"], f"no deployment with id {deployment_id}{owner}")
 
 
 async def patch_job(
-    db: AsyncDatabase[Doc], job_id: int, patch: JobPatch, revision: int | None
+    db: AsyncDatabase[Doc], job_id: int, patch: JobPatch, revision: int | None, owner: Doc
 ) -> Doc:
     """One conditional update: the status transition, `finished_at` and fields together."""
     changes = patch.model_dump(exclude_unset=True)
     status: TaskStatus | None = changes.pop("task_status", None)
     finished: datetime | None = changes.pop("finished_at", None)
     if not changes and status is None and finished is None:
-        return await get_checked(db.jobs, job_id, revision, "job")
+        return await get_checked(db.jobs, job_id, revision, "job", owner)
     if status is not None and finished is not None and status not in TERMINAL:
         raise invalid(["body", "finished_at"], "may only be given with FINISHED or ERROR")
 
@@ -113,16 +121,16 @@ async def patch_job(
             )
         return None
 
-    return await apply_update(db.jobs, job_id, update, revision, explain, "job")
+    return await apply_update(db.jobs, job_id, update, revision, explain, "job", owner)
 
 
-async def delete_job(db: AsyncDatabase[Doc], job_id: int, revision: int | None) -> None:
-    flt: dict[str, Any] = {"_id": job_id}
+async def delete_job(db: AsyncDatabase[Doc], job_id: int, revision: int | None, owner: Doc) -> None:
+    flt: dict[str, Any] = {**owner, "_id": job_id}
     if revision is not None:
         flt["revision"] = revision
     if (await db.jobs.delete_one(flt)).deleted_count == 0:
-        await get_checked(db.jobs, job_id, revision, "job")  # says 404 or 412
-        return await delete_job(db, job_id, revision)  # it existed after all: it changed
+        await get_checked(db.jobs, job_id, revision, "job", owner)  # says 404 or 412
+        return await delete_job(db, job_id, revision, owner)  # it existed after all: it changed
     await delete_job_files(db, [job_id])
 
 
@@ -144,14 +152,16 @@ async def delete_job_files(db: AsyncDatabase[Doc], job_ids: list[int]) -> None:
 @routes.post("/jobs")
 async def create(request: web.Request) -> web.Response:
     body = await read_body(request, JobCreate)
-    doc = await create_job(request.app[DB].db, body)
+    body.user_id = claim_owner(request, body.user_id)
+    doc = await create_job(request.app[DB].db, body, same_owner(request, body.user_id))
     return record_response(public_job(doc), 201, f"/jobs/{doc['_id']}")
 
 
 @routes.get("/jobs")
 async def list_all(request: web.Request) -> web.Response:
     database = request.app[DB]
-    query = parse_list_query(request.query, JOB_FILTERS, JOB_SORTS, database.cursor_key)
+    owner = owner_filter(request)
+    query = parse_list_query(request.query, JOB_FILTERS, JOB_SORTS, database.cursor_key, owner)
     page = await fetch_page(database.db.jobs, query, database.cursor_key)
     return page_response(request, page, public_job)
 
@@ -161,9 +171,10 @@ async def list_for_deployment(request: web.Request) -> web.Response:
     database = request.app[DB]
     deployment_id = path_id(request, "deployment_id", "deployment")
     filters = {k: v for k, v in JOB_FILTERS.items() if k != "deployment_id"}
-    fixed = {"deployment_id": deployment_id}
+    owner = owner_filter(request)
+    fixed = {**owner, "deployment_id": deployment_id}
     query = parse_list_query(request.query, filters, JOB_SORTS, database.cursor_key, fixed)
-    if not await _deployment_exists(database.db, deployment_id):
+    if not await _deployment_exists(database.db, deployment_id, owner):
         raise NotFound(f"No deployment with id {deployment_id}.")
     page = await fetch_page(database.db.jobs, query, database.cursor_key)
     return page_response(request, page, public_job)
@@ -173,7 +184,7 @@ async def list_for_deployment(request: web.Request) -> web.Response:
 async def get_one(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     check_query(request)
-    doc = await request.app[DB].db.jobs.find_one({"_id": job_id})
+    doc = await request.app[DB].db.jobs.find_one({**owner_filter(request), "_id": job_id})
     if doc is None:
         raise NotFound(f"No job with id {job_id}.")
     return record_response(public_job(doc))
@@ -183,7 +194,8 @@ async def get_one(request: web.Request) -> web.Response:
 async def patch(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     body = await read_body(request, JobPatch, patch=True)
-    doc = await patch_job(request.app[DB].db, job_id, body, if_match(request))
+    revision, owner = if_match(request), owner_filter(request)
+    doc = await patch_job(request.app[DB].db, job_id, body, revision, owner)
     return record_response(public_job(doc))
 
 
@@ -191,5 +203,5 @@ async def patch(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     check_query(request)
-    await delete_job(request.app[DB].db, job_id, if_match(request))
+    await delete_job(request.app[DB].db, job_id, if_match(request), owner_filter(request))
     return web.Response(status=204)

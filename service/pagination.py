@@ -86,7 +86,11 @@ def parse_list_query(
     key: bytes,
     fixed: dict[str, Any] | None = None,
 ) -> ListQuery:
-    """Validate every query parameter; anything unknown, repeated or malformed is a 400."""
+    """Validate every query parameter; anything unknown, repeated or malformed is a 400.
+
+    `fixed` conditions always apply (a deployment's jobs, auth.owner_filter); cursors are
+    bound to them, so a cursor never crosses to another deployment or user.
+    """
     query = ListQuery(filter=parse_filters(params, filters, PAGING, fixed))
     sort = params.get("sort", "id")
     if sort.removeprefix("-") not in sorts:
@@ -108,18 +112,23 @@ def parse_filters(
 ) -> dict[str, Any]:
     """The MongoDB filter the query asks for; a name neither a filter nor `allowed` is a 400.
 
-    Shared by the lists and the statistics, so both select exactly the same jobs.
+    Shared by the lists and the statistics, so both select exactly the same jobs, within
+    `fixed`.
     """
     for name in params:
         if name not in filters and name not in allowed:
             raise bad_query(name, "unknown query parameter")
         if name != "task_status" and len(params.getall(name)) > 1:
             raise bad_query(name, "given more than once")
-    flt = dict(fixed or {})
+    given: dict[str, Any] = {}
     for name, (doc_field, kind) in filters.items():
         if name in params:
-            _add_filter(flt, name, doc_field, kind, params.getall(name))
-    return flt
+            _add_filter(given, name, doc_field, kind, params.getall(name))
+    fixed = fixed or {}
+    # A filter never widens what `fixed` (e.g. auth.owner_filter: the caller's own records)
+    # allows: `?user_id=someone-else` then matches nothing.
+    clash = any(k in given and given[k] != v for k, v in fixed.items())
+    return {"$and": [fixed, given]} if clash else {**given, **fixed}
 
 
 def _sort_names(sorts: dict[str, str]) -> list[str]:

@@ -38,6 +38,7 @@ from gridfs.asynchronous.grid_file import AsyncGridOut
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
+from .auth import owner_filter, read_deadline
 from .database import DB, Doc
 from .errors import (
     BadRequest,
@@ -153,15 +154,17 @@ async def ensure_indexes(db: AsyncDatabase[Doc]) -> None:
     await db[FILES].create_index([("metadata.job_id", ASCENDING)])
 
 
-async def list_results(db: AsyncDatabase[Doc], job_id: int) -> list[Doc]:
-    doc = await db.jobs.find_one({"_id": job_id}, {"results": 1})
+async def list_results(db: AsyncDatabase[Doc], job_id: int, owner: Doc) -> list[Doc]:
+    doc = await db.jobs.find_one({**owner, "_id": job_id}, {"results": 1})
     if doc is None:
         raise NotFound(f"No job with id {job_id}.")
     return list(doc.get("results") or [])
 
 
-async def get_result(db: AsyncDatabase[Doc], job_id: int, name: str) -> Doc:
-    doc = await db.jobs.find_one({"_id": job_id}, {"results": {"$elemMatch": {"name": name}}})
+async def get_result(db: AsyncDatabase[Doc], job_id: int, name: str, owner: Doc) -> Doc:
+    """`owner` (auth.owner_filter): another user's job is 404 exactly like a missing one."""
+    flt = {**owner, "_id": job_id}
+    doc = await db.jobs.find_one(flt, {"results": {"$elemMatch": {"name": name}}})
     if doc is None:
         raise NotFound(f"No job with id {job_id}.")
     if not doc.get("results"):
@@ -170,11 +173,18 @@ async def get_result(db: AsyncDatabase[Doc], job_id: int, name: str) -> Doc:
     return entry
 
 
-async def open_result(db: AsyncDatabase[Doc], job_id: int, name: str) -> tuple[Doc, AsyncGridOut]:
+async def open_result(
+    db: AsyncDatabase[Doc], job_id: int, name: str, owner: Doc
+) -> tuple[Doc, AsyncGridOut]:
     """The entry and its open GridFS file; a replace may delete the file just read: re-read."""
     bucket = AsyncGridFSBucket(db, BUCKET)
     for _ in range(3):
-        entry = await get_result(db, job_id, name)
+        entry = await get_result(db, job_id, name, owner)
+        if entry.get("file_id") is None:  # listed by a bulk import, which moves no bytes
+            raise NotFound(
+                f"Result {name!r} of job {job_id} was imported without its bytes; "
+                "upload them with PUT."
+            )
         try:
             return entry, await bucket.open_download_stream(entry["file_id"])
         except NoFile:
@@ -191,9 +201,10 @@ async def store_result(
     metadata: dict[str, Any],
     read: Read,
     limits: Limits,
+    owner: Doc,
 ) -> tuple[Doc, bool]:
     """Write the file, then point the job's entry at it; return (entry, replaced an old one)."""
-    await _current(db, job_id, name, limits.max_results)  # 404 or 409 before reading a byte
+    await _current(db, job_id, name, limits.max_results, owner)  # 404/409 before reading
     file_id, size, sha256 = await write_file(db, job_id, name, read, limits.max_bytes)
     entry = {
         "name": name,
@@ -205,13 +216,13 @@ async def store_result(
         "file_id": file_id,
     }
     try:
-        old = await _swap_in(db, job_id, entry, limits.max_results)
+        replaced, old = await _swap_in(db, job_id, entry, limits.max_results, owner)
     except BaseException:
         await _cleanup(delete_files(db, [file_id]))
         raise
     if old is not None:
         await _cleanup(delete_files(db, [old]))
-    return entry, old is not None
+    return entry, replaced
 
 
 async def write_file(
@@ -273,24 +284,32 @@ async def _abandon(db: AsyncDatabase[Doc], file_id: ObjectId, inserting: Any) ->
     await delete_files(db, [file_id])
 
 
-async def _swap_in(db: AsyncDatabase[Doc], job_id: int, entry: Doc, max_results: int) -> Any:
-    """Put `entry` in place of the one with its name (or append it); return the old file id.
+async def _swap_in(
+    db: AsyncDatabase[Doc], job_id: int, entry: Doc, max_results: int, owner: Doc
+) -> tuple[bool, Any]:
+    """Put `entry` in place of the one with its name (or append it); return whether it
+    replaced one, and the old file id (None: none, or an imported entry without bytes).
 
     Compare-and-swap on the old entry's `file_id`, so the file replaced is known for
     certain (SecantusDB's findAndModify can return a stale pre-image under concurrency).
     """
     name = entry["name"]
     for _ in range(MAX_SWAPS):
-        old = await _current(db, job_id, name, max_results)
-        if old is None:
+        exists, old = await _current(db, job_id, name, max_results, owner)
+        if not exists:
             flt = {
+                **owner,
                 "_id": job_id,
                 "results.name": {"$ne": name},
                 "$expr": {"$lt": [{"$size": {"$ifNull": ["$results", []]}}, max_results]},
             }
             update: Any = {"$push": {"results": entry}, "$inc": {"revision": 1}}
         else:
-            flt = {"_id": job_id, "results": {"$elemMatch": {"name": name, "file_id": old}}}
+            flt = {
+                **owner,
+                "_id": job_id,
+                "results": {"$elemMatch": {"name": name, "file_id": old}},
+            }
             new = {"$literal": entry}
             swap = {"$cond": [{"$eq": ["$$this.name", name]}, new, "$$this"]}
             update = [
@@ -302,35 +321,41 @@ async def _swap_in(db: AsyncDatabase[Doc], job_id: int, entry: Doc, max_results:
                 }
             ]
         if (await db.jobs.update_one(flt, update)).modified_count:
-            return old
+            return exists, old
     raise Conflict(f"Result {name!r} of job {job_id} changed too often to replace; try again.")
 
 
-async def _current(db: AsyncDatabase[Doc], job_id: int, name: str, max_results: int) -> Any:
-    """The file id under `name` now, or None when there is room for it as a new name."""
-    doc = await db.jobs.find_one({"_id": job_id}, {"results.name": 1, "results.file_id": 1})
+async def _current(
+    db: AsyncDatabase[Doc], job_id: int, name: str, max_results: int, owner: Doc
+) -> tuple[bool, Any]:
+    """Whether `name` has an entry now and its file id (None for an imported entry without
+    bytes); (False, None) when there is room for it as a new name."""
+    flt = {**owner, "_id": job_id}
+    doc = await db.jobs.find_one(flt, {"results.name": 1, "results.file_id": 1})
     if doc is None:
         raise NotFound(f"No job with id {job_id}.")
     entries = doc.get("results") or []
     for e in entries:
         if e["name"] == name:
-            return e["file_id"]
+            return True, e.get("file_id")
     if len(entries) >= max_results:
         raise Conflict(
             f"Job {job_id} already has {max_results} result files, the most it may have; "
             "delete one or replace one by its name."
         )
-    return None
+    return False, None
 
 
-async def delete_result(db: AsyncDatabase[Doc], job_id: int, name: str) -> None:
+async def delete_result(db: AsyncDatabase[Doc], job_id: int, name: str, owner: Doc) -> None:
     """Remove the entry that points at the file read, then that file."""
     for _ in range(MAX_SWAPS):
-        file_id = (await get_result(db, job_id, name))["file_id"]
-        flt = {"_id": job_id, "results": {"$elemMatch": {"name": name, "file_id": file_id}}}
+        file_id = (await get_result(db, job_id, name, owner)).get("file_id")  # None: imported
+        entry = {"$elemMatch": {"name": name, "file_id": file_id}}
+        flt = {**owner, "_id": job_id, "results": entry}
         update = {"$pull": {"results": {"name": name}}, "$inc": {"revision": 1}}
         if (await db.jobs.update_one(flt, update)).modified_count:
-            await _cleanup(delete_files(db, [file_id]))
+            if file_id is not None:
+                await _cleanup(delete_files(db, [file_id]))
             return
     raise Conflict(f"Result {name!r} of job {job_id} changed too often to delete; try again.")
 
@@ -449,7 +474,7 @@ def result_location(job_id: int, name: str) -> str:
 async def list_all(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     check_query(request)
-    entries = await list_results(request.app[DB].db, job_id)
+    entries = await list_results(request.app[DB].db, job_id, owner_filter(request))
     return json_response({"items": [public_result(e) for e in entries]})
 
 
@@ -469,8 +494,9 @@ async def upload(request: web.Request) -> web.Response:
         name,
         content_type,
         metadata,
-        body_reader(request.content),
+        read_deadline(request, body_reader(request.content)),
         limits,
+        owner_filter(request),
     )
     headers = {"ETag": f'"{entry["sha256"]}"'}
     if not replaced:
@@ -483,7 +509,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     job_id = path_id(request, "job_id", "job")
     name = check_name(request.match_info["name"])
     check_query(request)
-    entry, grid_out = await open_result(request.app[DB].db, job_id, name)
+    entry, grid_out = await open_result(request.app[DB].db, job_id, name, owner_filter(request))
     try:
         headers = file_headers(entry)
         if etag_matches(request.headers.get("If-None-Match"), headers["ETag"], weak=True):
@@ -534,7 +560,7 @@ async def delete(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     name = check_name(request.match_info["name"])
     check_query(request)
-    await delete_result(request.app[DB].db, job_id, name)
+    await delete_result(request.app[DB].db, job_id, name, owner_filter(request))
     return web.Response(status=204)
 
 

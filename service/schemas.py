@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 import pydantic_core
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -57,6 +58,16 @@ def parse_rfc3339(value: Any) -> datetime:
 
 Timestamp = Annotated[datetime, Field(strict=False), PlainValidator(parse_rfc3339)]
 UserId = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME)]
+
+
+def _not_null(value: str | None) -> str:
+    if value is None:
+        raise ValueError("may not be null; omit it to mean yourself")
+    return value
+
+
+# On create: omitted means the caller (service/auth.py claim_owner); null is refused.
+OwnerId = Annotated[UserId | None, AfterValidator(_not_null)]
 Name = Annotated[StrictStr, Field(max_length=MAX_NAME)]
 Parameters = Annotated[StrictStr, Field(max_length=MAX_PARAMETERS)]
 PositiveId = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
@@ -88,7 +99,7 @@ class Body(BaseModel):
 
 class DeploymentCreate(Body):
     owned = frozenset({"deployment_id", "created", "revision"})
-    user_id: UserId
+    user_id: OwnerId = None
     deployment_name: Name | None = None
     parameters: Parameters = ""
     data: Any = Field(default_factory=dict)
@@ -103,7 +114,7 @@ class DeploymentPatch(Body):
 
 class JobCreate(Body):
     owned = frozenset({"job_id", "revision", "history", "results", "task_status", "finished_at"})
-    user_id: UserId
+    user_id: OwnerId = None
     deployment_id: PositiveId
     job_name: Name | None = None
     parameters: Parameters = ""

@@ -24,6 +24,7 @@ from multidict import MultiMapping
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
+from .auth import owner_filter
 from .database import DB, Doc
 from .errors import BadRequest, bad_query
 from .http import json_response, page_response
@@ -65,9 +66,9 @@ class StatsQuery:
 # --- query parameters -----------------------------------------------------------------
 
 
-def parse_stats_query(params: MultiMapping[str]) -> StatsQuery:
+def parse_stats_query(params: MultiMapping[str], owner: Doc | None = None) -> StatsQuery:
     """The `/jobs` filters plus `group_by`, `interval` and `tz`; anything else is a 400."""
-    flt = parse_filters(params, JOB_FILTERS, ("group_by", "interval", "tz"))
+    flt = parse_filters(params, JOB_FILTERS, ("group_by", "interval", "tz"), owner)
     group_by = _parse_group_by(params["group_by"]) if "group_by" in params else ()
     interval = params.get("interval")
     if interval is not None and interval not in INTERVALS:
@@ -224,12 +225,12 @@ def job_stats_pipeline(query: StatsQuery) -> list[Doc]:
     ]
 
 
-def deployment_stats_pipeline(deployment_ids: Sequence[int]) -> list[Doc]:
+def deployment_stats_pipeline(deployment_ids: Sequence[int], owner: Doc | None = None) -> list[Doc]:
     """Per deployment of a page: jobs by status, last start, success rate, result files."""
     results = {"$ifNull": ["$results", []]}
     sizes = {"$sum": {"$map": {"input": results, "in": "$$this.size"}}}
     return [
-        {"$match": {"deployment_id": {"$in": list(deployment_ids)}}},
+        {"$match": {**(owner or {}), "deployment_id": {"$in": list(deployment_ids)}}},
         {
             "$group": {
                 "_id": "$deployment_id",
@@ -313,12 +314,15 @@ def _render_group(row: Doc) -> Doc:
 DEPLOYMENT_FIELDS = {"deployment_name": 1, "user_id": 1}
 
 
-async def deployment_stats(db: AsyncDatabase[Doc], query: ListQuery, key: bytes) -> Page:
+async def deployment_stats(
+    db: AsyncDatabase[Doc], query: ListQuery, key: bytes, owner: Doc | None = None
+) -> Page:
     """A keyset page of deployments (as `GET /deployments`), each with its job statistics."""
     page = await fetch_page(db.deployments, query, key, DEPLOYMENT_FIELDS)
     stats = {}
     if page.items:
-        rows = await db.jobs.aggregate(deployment_stats_pipeline([d["_id"] for d in page.items]))
+        ids = [d["_id"] for d in page.items]
+        rows = await db.jobs.aggregate(deployment_stats_pipeline(ids, owner))
         stats = {row["_id"]: row async for row in rows}
     page.items = [{**d, "stats": stats.get(d["_id"])} for d in page.items]
     return page
@@ -351,15 +355,16 @@ def public_deployment_stats(doc: Doc) -> Doc:
 
 @routes.get("/stats/jobs")
 async def jobs_stats(request: web.Request) -> web.Response:
-    query = parse_stats_query(request.query)
+    query = parse_stats_query(request.query, owner_filter(request))
     return json_response(await job_stats(request.app[DB].db, query))
 
 
 @routes.get("/stats/deployments")
 async def deployments_stats(request: web.Request) -> web.Response:
     database = request.app[DB]
+    owner = owner_filter(request)
     query = parse_list_query(
-        request.query, DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, database.cursor_key
+        request.query, DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, database.cursor_key, owner
     )
-    page = await deployment_stats(database.db, query, database.cursor_key)
+    page = await deployment_stats(database.db, query, database.cursor_key, owner)
     return page_response(request, page, public_deployment_stats)

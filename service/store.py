@@ -64,12 +64,14 @@ async def apply_update(
     revision: int | None,
     explain: Callable[[Doc], Problem | None],
     what: str,
+    owner: Doc | None = None,
 ) -> Doc:
     """Run `update` on one record (bumping its revision) and return the new record.
 
     `explain(stored)` names the precondition a stored record fails, or None if none.
+    `owner` (auth.owner_filter) hides other users' records: they are 404 like missing ones.
     """
-    flt: dict[str, Any] = {"_id": record_id, **update.filter}
+    flt: dict[str, Any] = {**update.filter, **(owner or {}), "_id": record_id}
     if revision is not None:
         flt["revision"] = revision
     if update.checks:
@@ -81,7 +83,7 @@ async def apply_update(
         )
         if doc is not None:
             return doc
-        stored = await get_checked(collection, record_id, revision, what)
+        stored = await get_checked(collection, record_id, revision, what, owner)
         problem = explain(stored)
         if problem is not None:
             raise problem
@@ -95,9 +97,13 @@ async def apply_update(
 
 
 async def get_checked(
-    collection: AsyncCollection[Doc], record_id: int, revision: int | None, what: str
+    collection: AsyncCollection[Doc],
+    record_id: int,
+    revision: int | None,
+    what: str,
+    owner: Doc | None = None,
 ) -> Doc:
-    doc = await collection.find_one({"_id": record_id})
+    doc = await collection.find_one({**(owner or {}), "_id": record_id})
     if doc is None:
         raise NotFound(f"No {what} with id {record_id}.")
     if revision is not None and doc.get("revision") != revision:

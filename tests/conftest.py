@@ -9,17 +9,26 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
-from pymongo import MongoClient
+from aiohttp.test_utils import TestClient, TestServer
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
-from service.database import secantusd_process
+from service.auth import ADMIN_KEY_FILE, create_key
+from service.database import DB, secantusd_process
 from service.settings import Settings
 
 Client = TestClient[Any, Any]
+
+# Auth is on by default in the service. A test (or a service process it starts) that does
+# not ask for it runs without it, so that no test writes a first-start admin key into the
+# checkout's .data; tests of authentication turn it on explicitly (`auth_settings`, `users`).
+os.environ["AUTH"] = "disabled"
 
 
 @pytest.fixture(scope="session")
@@ -32,10 +41,16 @@ def mongodb_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(mongodb_url: str) -> Iterator[Settings]:
-    """Settings for one test: its own database, dropped afterwards."""
+def settings(mongodb_url: str, tmp_path: Path) -> Iterator[Settings]:
+    """Settings for one test: its own database, dropped afterwards; auth off (see `users`)."""
     name = f"test_{uuid.uuid4().hex[:12]}"
-    yield Settings(mongodb_url=mongodb_url, mongodb_db=name, mongodb_timeout_ms=5000)
+    yield Settings(
+        mongodb_url=mongodb_url,
+        mongodb_db=name,
+        mongodb_timeout_ms=5000,
+        auth="disabled",
+        data_dir=tmp_path / "data",
+    )
     admin: MongoClient[dict[str, Any]] = MongoClient(mongodb_url)
     with admin:
         admin.drop_database(name)
@@ -46,6 +61,39 @@ async def client(aiohttp_client: Any, settings: Settings) -> AsyncIterator[Clien
     app = create_app(settings)
     test_client: Client = await aiohttp_client(app)
     yield test_client
+
+
+@pytest.fixture
+def auth_settings(settings: Settings) -> Settings:
+    """The same, with authentication on (the service's default)."""
+    return settings.model_copy(update={"auth": "enabled"})
+
+
+@dataclass
+class Users:
+    """One service with auth on, and a client per caller (each sends its own key)."""
+
+    alice: Client
+    bob: Client
+    admin: Client  # the key the service created at first start
+    anonymous: Client  # sends no key
+    keys: dict[str, str]
+    db: AsyncDatabase[dict[str, Any]]
+
+
+@pytest.fixture
+async def users(aiohttp_client: Any, auth_settings: Settings) -> Users:
+    server: TestServer = TestServer(create_app(auth_settings))
+    anonymous: Client = await aiohttp_client(server)  # starts the app
+    db = server.app[DB].db
+    keys = {"admin": (auth_settings.data_dir / ADMIN_KEY_FILE).read_text().strip()}
+    for user in ("alice", "bob"):
+        keys[user], _ = await create_key(db, user, admin=False, name=f"{user}'s test key")
+    clients: dict[str, Client] = {
+        user: await aiohttp_client(server, headers={"Authorization": f"Bearer {key}"})
+        for user, key in keys.items()
+    }
+    return Users(clients["alice"], clients["bob"], clients["admin"], anonymous, keys, db)
 
 
 async def create_deployment(client: Client, **fields: Any) -> dict[str, Any]:
@@ -62,3 +110,11 @@ async def create_job(client: Client, deployment_id: int, **fields: Any) -> dict[
     assert resp.status == 201, await resp.text()
     result: dict[str, Any] = await resp.json()
     return result
+
+
+@pytest.fixture
+async def db(client: Client, settings: Settings) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """The test's database, with the service's indexes (the app has started)."""
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongodb_url, tz_aware=True)
+    yield mongo[settings.mongodb_db]
+    await mongo.close()

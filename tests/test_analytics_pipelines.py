@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.analyst_pipelines import (
@@ -26,20 +24,12 @@ from service.analyst_pipelines import (
     STUCK_RUNNING,
     AnalystPipeline,
 )
-from service.settings import Settings
 
 from .conftest import Client
 from .stats_data import entered, job_doc, load, rounded
 
 Doc = dict[str, Any]
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-@pytest.fixture
-async def db(client: Client, settings: Settings) -> AsyncIterator[AsyncDatabase[Doc]]:
-    mongo: AsyncMongoClient[Doc] = AsyncMongoClient(settings.mongodb_url, tz_aware=True)
-    yield mongo[settings.mongodb_db]
-    await mongo.close()
 
 
 @pytest.fixture

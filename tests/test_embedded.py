@@ -17,7 +17,7 @@ async def test_embedded_database_persists_across_restarts(
     aiohttp_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    settings = Settings(mongodb_url=None, data_dir=tmp_path / "data")
+    settings = Settings(mongodb_url=None, data_dir=tmp_path / "data", auth="disabled")
     first: Client = await aiohttp_client(create_app(settings))
     dep = await create_deployment(first, deployment_name="kept")
     await first.close()

@@ -85,11 +85,16 @@ async def test_real_responses_match_the_spec(client: Client) -> None:
     conforms(await resp.json(), "Problem")
 
 
+LIVE_ADMIN_KEY = f"test-admin-{uuid.uuid4().hex}"
+
+
 @pytest.fixture
-def live_service(mongodb_url: str) -> Any:
-    """The service as a real process, for tools that need a URL."""
+def live_service(mongodb_url: str, tmp_path: Path) -> Any:
+    """The service as a real process, for tools that need a URL; auth on, LIVE_ADMIN_KEY."""
     port, name = free_port(), f"test_st_{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "MONGODB_URL": mongodb_url, "MONGODB_DB": name, "LOG_LEVEL": "ERROR"}
+    env |= {"AUTH": "enabled", "SERVICE_ADMIN_KEY": LIVE_ADMIN_KEY, "DATA_DIR": str(tmp_path)}
+    env["AUTH_FAILURES_PER_MINUTE"] = "1000000"  # schemathesis tries bad credentials on purpose
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--port", str(port)],
         env=env,
@@ -125,6 +130,7 @@ def test_schemathesis_finds_no_500_and_no_spec_violation(live_service: str) -> N
     st = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or "schemathesis"
     result = subprocess.run(
         [st, "run", str(SPEC_PATH), "--url", live_service]
+        + ["-H", f"Authorization: Bearer {LIVE_ADMIN_KEY}"]
         + ["--checks", "all", "--exclude-checks", "positive_data_acceptance"]
         + ["--max-examples", os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25")]
         + ["--workers", "1", "--seed", "1", "--no-color"],

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service import stats
-from service.settings import Settings
 from service.stats import StatsQuery, deployment_stats_pipeline, job_stats_pipeline
 
 from .conftest import Client
@@ -28,14 +25,6 @@ from .test_openapi import conforms
 
 Doc = dict[str, Any]
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def db(client: Client, settings: Settings) -> AsyncIterator[AsyncDatabase[Doc]]:
-    """The test's database, with the service's indexes (the app has started)."""
-    mongo: AsyncMongoClient[Doc] = AsyncMongoClient(settings.mongodb_url, tz_aware=True)
-    yield mongo[settings.mongodb_db]
-    await mongo.close()
 
 
 @pytest.fixture

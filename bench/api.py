@@ -1,0 +1,527 @@
+"""The HTTP API against the raw driver doing the same work, side by side in one run.
+
+The service runs as its own process (env.service); the load comes from this process
+(aiohttp client sessions), and the driver side runs here too, on its own collection with
+the same indexes as `models.Job`, in the same database. Phases alternate service and
+driver in short rounds so a busy neighbour on a shared machine hurts both alike.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import orjson
+from multidict import MultiDict
+from pymongo import ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+from service.database import Doc, next_ids
+from service.models import Job
+from service.pagination import JOB_FILTERS, JOB_SORTS, ListQuery, encode_cursor, parse_list_query
+
+from .common import BenchEnv, Exhausted, LoadResult, Row, ServiceProcess, closed_loop, median
+
+BENCH = "api"
+CURSOR_SECRET = "bench-cursor-secret"  # given to the service, so deep cursors can be made here
+JSON_HEADERS = {"Content-Type": "application/json"}
+PATCH_HEADERS = {"Content-Type": "application/merge-patch+json"}
+PAGE = 50
+# secantusd-py scanning 200,000 jobs for one page takes ~12 s and can stall its heartbeat
+# replies past the service's default 5 s; PyMongo then cancels every operation in flight
+# (a 503). The bench gives the service the driver's own defaults instead: 30 s to find a
+# server, no limit on a reply (README: caveats).
+SERVICE_TIMEOUTS = {"MONGODB_TIMEOUT_MS": "30000", "MONGODB_OPERATION_TIMEOUT_MS": "0"}
+MEMORY_TARGET_REQUESTS = 100_000  # the memory target holds after this many requests
+
+
+@dataclass
+class Sizes:
+    post_clients: tuple[int, ...] = (1, 8, 64)
+    seconds: float = 5.0  # per side, per round, per measured point
+    rounds: int = 3  # service/driver alternations; the median round is reported
+    get_requests: int = 1000  # sequential GETs per side per round
+    patch_clients: int = 8
+    list_depth: int = 200_000
+    list_reps: int = 5
+    memory_requests: int = MEMORY_TARGET_REQUESTS  # requests served before reading resident memory
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            seconds=2.0,
+            rounds=1,
+            get_requests=300,
+            list_depth=20_000,
+            list_reps=3,
+            memory_requests=0,
+        )
+
+
+def log(msg: str) -> None:
+    print(f"   api: {msg}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    """Shared state of one run: the service, its database, the driver's collection."""
+
+    def __init__(self, svc: ServiceProcess, db: AsyncDatabase[Doc], sizes: Sizes) -> None:
+        self.svc, self.db, self.sizes = svc, db, sizes
+        self.driver_jobs: AsyncCollection[Doc] = db["driver_jobs"]
+        self.requests = 0  # served by the service in this run, for the memory figure
+        self.service_ids: list[int] = []
+        self.driver_ids: list[int] = []
+        self.deployment_id = 0
+        self.body: dict[str, Any] = {
+            "user_id": "bench",
+            "job_name": "bell-pair",
+            "parameters": "--shots 1000",
+            "data": {"shots": 1000, "qubits": [0, 1], "tags": {"team": "bench"}},
+        }
+
+    def session(self, clients: int) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+        return aiohttp.ClientSession(self.svc.url, connector=connector)
+
+    async def setup(self) -> None:
+        await self.driver_jobs.create_indexes(Job.Settings.indexes)
+        await self.db.counters.update_one(
+            {"_id": "driver_jobs"}, {"$setOnInsert": {"seq": 0}}, upsert=True
+        )
+        async with self.session(1) as http:
+            body = orjson.dumps({"user_id": "bench", "deployment_name": "bench"})
+            async with http.post("/deployments", data=body, headers=JSON_HEADERS) as resp:
+                assert resp.status == 201, await resp.text()
+                self.deployment_id = (await resp.json())["deployment_id"]
+        self.body["deployment_id"] = self.deployment_id
+        self.requests += 1
+
+    # --- POST /jobs ---------------------------------------------------------------------
+
+    async def post_service(self, clients: int, seconds: float) -> LoadResult:
+        body = orjson.dumps(self.body)
+        async with self.session(clients) as http:
+
+            async def op(_: int) -> None:
+                async with http.post("/jobs", data=body, headers=JSON_HEADERS) as resp:
+                    await resp.read()
+                    if resp.status != 201:
+                        raise RuntimeError(f"POST /jobs: {resp.status} {await resp.text()}")
+                    self.service_ids.append(int(resp.headers["Location"].rsplit("/", 1)[1]))
+
+            result = await self.on_service(closed_loop(clients, op, seconds=seconds))
+        self.requests += result.ops
+        return result
+
+    async def post_driver(self, clients: int, seconds: float) -> LoadResult:
+        """The same work without the service: take an id with `$inc`, insert the record."""
+        counters = self.db.counters
+
+        async def op(_: int) -> None:
+            counter = await counters.find_one_and_update(
+                {"_id": "driver_jobs"}, {"$inc": {"seq": 1}}, return_document=ReturnDocument.AFTER
+            )
+            assert counter is not None
+            started = now()
+            await self.driver_jobs.insert_one(
+                {
+                    "_id": counter["seq"],
+                    **self.body,
+                    "started_at": started,
+                    "finished_at": None,
+                    "task_status": "PENDING",
+                    "results": [],
+                    "history": [{"task_status": "PENDING", "at": started}],
+                    "revision": 1,
+                }
+            )
+            self.driver_ids.append(counter["seq"])
+
+        return await on_driver(closed_loop(clients, op, seconds=seconds))
+
+    async def post(self) -> list[Row]:
+        rows = []
+        for clients in self.sizes.post_clients:
+            svc, drv = await self.alternate(
+                functools.partial(self.post_service, clients, self.sizes.seconds),
+                functools.partial(self.post_driver, clients, self.sizes.seconds),
+            )
+            s, d = median([r.rate for r in svc]), median([r.rate for r in drv])
+            log(f"POST /jobs x{clients}: service {s:.0f} req/s, driver {d:.0f} ops/s")
+            rows.append(
+                Row(
+                    BENCH,
+                    f"POST /jobs, {clients} client{'s' * (clients > 1)}",
+                    s,
+                    d,
+                    "req/s",
+                    ">= 0.50" if clients == 64 else "",
+                )
+            )
+            if clients == max(self.sizes.post_clients):
+                rows.append(cpu_row(f"POST /jobs, {clients} clients", svc, drv))
+        return rows
+
+    # --- GET /jobs/{id} -----------------------------------------------------------------
+
+    async def get_service(self, ids: list[int]) -> LoadResult:
+        todo = iter(ids)
+        async with self.session(1) as http:
+
+            async def op(_: int) -> None:
+                async with http.get(f"/jobs/{next(todo)}") as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"GET /jobs/id: {resp.status}")
+
+            result = await self.on_service(closed_loop(1, op, total=len(ids)))
+        self.requests += result.ops
+        return result
+
+    async def get_driver(self, ids: list[int]) -> LoadResult:
+        todo = iter(ids)
+
+        async def op(_: int) -> None:
+            if await self.driver_jobs.find_one({"_id": next(todo)}) is None:
+                raise RuntimeError("driver find_one: no such job")
+
+        return await on_driver(closed_loop(1, op, total=len(ids)))
+
+    async def get(self) -> list[Row]:
+        rng = random.Random(8)
+        n = self.sizes.get_requests
+        svc, drv = await self.alternate(
+            lambda: self.get_service(rng.choices(self.service_ids, k=n)),
+            lambda: self.get_driver(rng.choices(self.driver_ids, k=n)),
+        )
+        rows = []
+        for p in (50, 99):
+            s = median([r.percentile_ms(p) for r in svc])
+            d = median([r.percentile_ms(p) for r in drv])
+            log(f"GET /jobs/id p{p}: service {s:.2f} ms, driver {d:.2f} ms")
+            target = "<= 2.0" if p == 50 else ""
+            rows.append(Row(BENCH, f"GET /jobs/{{id}} p{p}, 1 client", s, d, "ms", target, False))
+        rows.append(cpu_row("GET /jobs/{id}, 1 client", svc, drv))
+        return rows
+
+    # --- PATCH /jobs/{id} ---------------------------------------------------------------
+
+    async def patch_service(self, work: collections.deque[tuple[int, str]]) -> LoadResult:
+        clients = self.sizes.patch_clients
+        bodies = {s: orjson.dumps({"task_status": s}) for s in ("RUNNING", "FINISHED")}
+        async with self.session(clients) as http:
+
+            async def op(_: int) -> None:
+                job_id, status = take(work)
+                target = "RUNNING" if status == "PENDING" else "FINISHED"
+                url = f"/jobs/{job_id}"
+                async with http.patch(url, data=bodies[target], headers=PATCH_HEADERS) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"PATCH /jobs/id: {resp.status} {await resp.text()}")
+                if target == "RUNNING":
+                    work.append((job_id, target))
+
+            result = await self.on_service(closed_loop(clients, op, seconds=self.sizes.seconds))
+        self.requests += result.ops
+        return result
+
+    async def patch_driver(
+        self, work: collections.deque[tuple[int, str]], *, returning: bool = False
+    ) -> LoadResult:
+        """A conditional update: it applies only while the job is in the expected status.
+
+        `returning`: find_one_and_update with the new document back, as the service issues.
+        """
+
+        async def op(_: int) -> None:
+            job_id, status = take(work)
+            target = "RUNNING" if status == "PENDING" else "FINISHED"
+            at = now()
+            fields: dict[str, Any] = {"task_status": target}
+            if target == "FINISHED":
+                fields["finished_at"] = at
+            flt = {"_id": job_id, "task_status": {"$in": [status]}}
+            update = {
+                "$set": fields,
+                "$push": {"history": {"task_status": target, "at": at}},
+                "$inc": {"revision": 1},
+            }
+            if returning:
+                doc = await self.driver_jobs.find_one_and_update(
+                    flt, update, return_document=ReturnDocument.AFTER
+                )
+                matched = doc is not None
+            else:
+                matched = (await self.driver_jobs.update_one(flt, update)).matched_count == 1
+            if not matched:
+                raise RuntimeError(f"driver update: job {job_id} was not {status}")
+            if target == "RUNNING":
+                work.append((job_id, target))
+
+        return await on_driver(
+            closed_loop(self.sizes.patch_clients, op, seconds=self.sizes.seconds)
+        )
+
+    async def patch(self) -> list[Row]:
+        svc_work = collections.deque((i, "PENDING") for i in self.service_ids)
+        drv_work = collections.deque((i, "PENDING") for i in self.driver_ids)
+        svc, drv, fam = await self.alternate(
+            lambda: self.patch_service(svc_work),
+            lambda: self.patch_driver(drv_work),
+            lambda: self.patch_driver(drv_work, returning=True),
+        )
+        s, d, f = (median([r.rate for r in side]) for side in (svc, drv, fam))
+        c = self.sizes.patch_clients
+        log(f"PATCH x{c}: service {s:.0f}/s, driver update_one {d:.0f}/s, f_o_a_u {f:.0f}/s")
+        metric = f"PATCH /jobs/{{id}} task_status, {c} clients"
+        return [
+            Row(BENCH, f"{metric} vs update_one", s, d, "changes/s"),
+            Row(BENCH, f"{metric} vs find_one_and_update", s, f, "changes/s"),
+            cpu_row(metric, svc, fam),
+        ]
+
+    # --- listing --------------------------------------------------------------------------
+
+    async def generate(self, count: int) -> None:
+        """`count` more jobs, written directly with insert_many (ids from the same counter)."""
+        first = await next_ids(self.db, "jobs", count)
+        base = datetime(2026, 1, 1, tzinfo=UTC)
+        batch = 5000
+        for start in range(first, first + count, batch):
+            docs = []
+            for job_id in range(start, min(start + batch, first + count)):
+                at = base + timedelta(seconds=job_id)
+                docs.append(
+                    {
+                        "_id": job_id,
+                        **self.body,
+                        "user_id": f"user{job_id % 100}",
+                        "started_at": at,
+                        "finished_at": None,
+                        "task_status": "PENDING",
+                        "results": [],
+                        "history": [{"task_status": "PENDING", "at": at}],
+                        "revision": 1,
+                    }
+                )
+            await self.db.jobs.insert_many(docs, ordered=False)
+
+    async def listing(self) -> list[Row]:
+        depth = self.sizes.list_depth
+        existing = await self.db.jobs.count_documents({})
+        log(f"listing: inserting {depth + 2 * PAGE:,} jobs (the collection has {existing:,})")
+        await self.generate(depth + 2 * PAGE)
+        rows = []
+        for sort in ("id", "started_at"):
+            rows += await self.list_pages(sort, depth)
+        return rows
+
+    async def list_pages(self, sort: str, depth: int) -> list[Row]:
+        key = CURSOR_SECRET.encode()
+        params = MultiDict({"limit": str(PAGE), "sort": sort})
+        first = parse_list_query(params, JOB_FILTERS, JOB_SORTS, key)
+        # The record just before the deep page, found once, and a cursor pointing past it.
+        found = (
+            await self.db.jobs.find({})
+            .sort(first.mongo_sort())
+            .skip(depth - 1)
+            .limit(1)
+            .to_list(None)
+        )
+        cursor = encode_cursor(first, found[0], key)
+        deep_params = MultiDict({**params, "cursor": cursor})
+        deep = parse_list_query(deep_params, JOB_FILTERS, JOB_SORTS, key)
+
+        async with self.session(1) as http:
+
+            async def page(query: MultiDict[str]) -> float:
+                result = await closed_loop(1, lambda _: self.list_once(http, query), total=1)
+                self.requests += 1
+                return result.latencies[0] * 1000
+
+            async def driver(query: ListQuery) -> float:
+                result = await closed_loop(
+                    1,
+                    lambda _: (
+                        self.db.jobs.find(query.mongo_filter())
+                        .sort(query.mongo_sort())
+                        .limit(query.limit + 1)
+                        .to_list(None)
+                    ),
+                    total=1,
+                )
+                return result.latencies[0] * 1000
+
+            times: dict[str, list[float]] = collections.defaultdict(list)
+            for _ in range(self.sizes.list_reps):
+                times["svc first"].append(await page(params))
+                times["drv first"].append(await driver(first))
+                times["svc deep"].append(await page(deep_params))
+                times["drv deep"].append(await driver(deep))
+        t = {k: median(v) for k, v in times.items()}
+        examined = {
+            name: await docs_examined(self.db.jobs, q)
+            for name, q in (("first", first), ("deep", deep))
+        }
+        log(
+            f"GET /jobs?sort={sort}: first {t['svc first']:.1f} ms, deep {t['svc deep']:.1f} ms; "
+            f"docs examined {examined['first']} / {examined['deep']}"
+        )
+        label = f"GET /jobs?sort={sort}"
+        deep_label = f"{label} page {depth:,} deep"
+        return [
+            Row(BENCH, f"{label} first page", t["svc first"], t["drv first"], "ms", "", False),
+            Row(BENCH, deep_label, t["svc deep"], t["drv deep"], "ms", "", False),
+            Row(
+                BENCH,
+                f"{label} deep/first time",
+                t["svc deep"] / t["svc first"],
+                None,
+                "x",
+                "<= 1.5",
+                False,
+            ),
+            Row(BENCH, f"{label} first page docs examined", examined["first"], None, "docs"),
+            Row(BENCH, f"{label} deep page docs examined", examined["deep"], None, "docs"),
+            Row(
+                BENCH,
+                f"{label} deep/first docs examined",
+                examined["deep"] / max(examined["first"], 1),
+                None,
+                "x",
+                "<= 1.5",
+                False,
+            ),
+        ]
+
+    async def list_once(self, http: aiohttp.ClientSession, query: MultiDict[str]) -> None:
+        async with http.get("/jobs", params=query) as resp:
+            body = await resp.read()
+            if resp.status != 200 or len(orjson.loads(body)["items"]) != PAGE:
+                raise RuntimeError(f"GET /jobs: {resp.status} {body[:200]!r}")
+
+    # --- memory ---------------------------------------------------------------------------
+
+    async def memory(self, start_mb: float) -> list[Row]:
+        """Serve the rest of `memory_requests` (reads and creates), then read the RSS."""
+        missing = self.sizes.memory_requests - self.requests
+        if missing > 0:
+            log(f"memory: {missing:,} more requests to reach {self.sizes.memory_requests:,}")
+            rng = random.Random(9)
+            ids = self.service_ids
+            body = orjson.dumps(self.body)
+            async with self.session(64) as http:
+
+                async def op(_: int) -> None:
+                    if rng.random() < 0.2:
+                        async with http.post("/jobs", data=body, headers=JSON_HEADERS) as resp:
+                            await resp.read()
+                            ok = resp.status == 201
+                    else:
+                        async with http.get(f"/jobs/{rng.choice(ids)}") as resp:
+                            await resp.read()
+                            ok = resp.status == 200
+                    if not ok:
+                        raise RuntimeError(f"memory load: {resp.status}")
+
+                result = await closed_loop(64, op, total=missing)
+            self.requests += result.ops
+        rss, peak = self.svc.rss_mb(), self.svc.peak_rss_mb()
+        log(f"memory after {self.requests:,} requests: {rss:.0f} MB (peak {peak:.0f} MB)")
+        return [
+            Row(BENCH, "service resident memory at start", start_mb, None, "MB"),
+            Row(
+                BENCH,
+                f"service resident memory after {self.requests:,} requests",
+                rss,
+                None,
+                "MB",
+                "< 150" if self.requests >= MEMORY_TARGET_REQUESTS else "",
+                False,
+            ),
+            Row(BENCH, "service peak resident memory", peak, None, "MB"),
+        ]
+
+    # --- helpers --------------------------------------------------------------------------
+
+    async def on_service(self, run: Awaitable[LoadResult]) -> LoadResult:
+        """Record the service process's CPU time per request while `run` runs."""
+        before = self.svc.cpu_seconds()
+        result = await run
+        result.cpu_ms = (self.svc.cpu_seconds() - before) * 1000 / max(result.ops, 1)
+        return result
+
+    async def alternate(
+        self, *sides: Callable[[], Awaitable[LoadResult]]
+    ) -> list[list[LoadResult]]:
+        """Run every side `rounds` times, rotating which goes first each round."""
+        results: list[list[LoadResult]] = [[] for _ in sides]
+        for n in range(self.sizes.rounds):
+            for k in range(len(sides)):
+                i = (k + n) % len(sides)
+                results[i].append(await sides[i]())
+        return results
+
+
+def cpu_row(what: str, svc: list[LoadResult], drv: list[LoadResult]) -> Row:
+    """CPU per request of the service process against the driver's caller per operation.
+
+    Unlike throughput and latency, CPU time barely moves when neighbours load the machine.
+    """
+    s, d = median([r.cpu_ms for r in svc]), median([r.cpu_ms for r in drv])
+    return Row(BENCH, f"{what}: CPU per request", s, d, "ms CPU", "", False)
+
+
+async def on_driver(run: Awaitable[LoadResult]) -> LoadResult:
+    """Record this process's CPU time per operation (the driver's caller) while `run` runs."""
+    before = time.process_time()
+    result = await run
+    result.cpu_ms = (time.process_time() - before) * 1000 / max(result.ops, 1)
+    return result
+
+
+async def docs_examined(collection: AsyncCollection[Doc], query: ListQuery) -> int:
+    """What the database reads for the service's page query: the figure MongoDB scales by."""
+    plan = await (
+        collection.find(query.mongo_filter()).sort(query.mongo_sort()).limit(query.limit + 1)
+    ).explain()
+    return int(plan["executionStats"]["totalDocsExamined"])
+
+
+def take(work: collections.deque[tuple[int, str]]) -> tuple[int, str]:
+    if not work:
+        raise Exhausted
+    return work.popleft()
+
+
+def now() -> datetime:
+    t = datetime.now(UTC)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+async def run(env: BenchEnv) -> list[Row]:
+    sizes = Sizes.quick() if env.quick else Sizes()
+    db_name = env.db_name(BENCH)
+    async with (
+        env.service(db_name, CURSOR_SECRET=CURSOR_SECRET, **SERVICE_TIMEOUTS) as svc,
+        env.client() as mongo,
+    ):
+        start_mb = svc.rss_mb()
+        bench = Bench(svc, mongo[db_name], sizes)
+        await bench.setup()
+        rows = await bench.post()
+        rows += await bench.get()
+        rows += await bench.patch()
+        rows += await bench.listing()
+        rows += await bench.memory(start_mb)
+    return rows

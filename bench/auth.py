@@ -1,0 +1,112 @@
+"""What authentication costs a request: the same read with AUTH=disabled and with a key.
+
+A key is verified from the in-process cache (no database round trip) after its first use,
+so the figure to watch is requests/s with a key relative to requests/s without auth. The
+three services run at once and are measured in alternating rounds, so that load from
+elsewhere on the machine falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from datetime import UTC, datetime
+
+import aiohttp
+
+from service.auth import Authenticator, create_key, new_key
+from service.settings import Settings
+
+from .common import BenchEnv, Row
+
+MODES = {"disabled": None, "admin key": True, "user key": False}  # mode -> admin key?
+
+
+async def _seed(env: BenchEnv, db_name: str, admin: bool) -> str:
+    """One deployment of user `bench`, and a key."""
+    async with env.client() as client:
+        db = client[db_name]
+        key, _ = await create_key(db, "bench", admin=admin)
+        await db.deployments.insert_one(
+            {"_id": 1, "user_id": "bench", "deployment_name": None, "parameters": ""}
+            | {"data": {}, "created": datetime.now(UTC), "revision": 1}
+        )
+    return key
+
+
+async def _round(session: aiohttp.ClientSession, url: str, total: int, workers: int) -> float:
+    """Seconds for `total` GETs of one record by `workers` concurrent clients."""
+    left = total
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            async with session.get(f"{url}/deployments/1") as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return time.perf_counter() - start
+
+
+async def _verify_us(calls: int) -> float:
+    """Microseconds to verify a cached key in-process: the CPU cost auth adds to a request."""
+    authenticator = Authenticator(Settings(auth="enabled"))
+    key, doc = new_key("bench", False, None)
+    authenticator.keys.put(doc["_id"], doc, time.monotonic())
+    db = None  # a cached key needs no database
+    start = time.perf_counter()
+    for _ in range(calls):
+        assert await authenticator.verify(db, key) is not None  # type: ignore[arg-type]
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+async def run(env: BenchEnv) -> list[Row]:
+    per_round, rounds = (200, 3) if env.quick else (500, 6)
+    seconds = dict.fromkeys(MODES, 0.0)
+    async with contextlib.AsyncExitStack() as stack:
+        data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-auth-"))
+        sessions = {}
+        for mode, admin in MODES.items():
+            db_name = env.db_name("auth")
+            key = await _seed(env, db_name, bool(admin))
+            auth = "disabled" if admin is None else "enabled"
+            svc = await stack.enter_async_context(
+                env.service(db_name, AUTH=auth, DATA_DIR=data_dir)
+            )
+            headers = {} if admin is None else {"Authorization": f"Bearer {key}"}
+            session = await stack.enter_async_context(aiohttp.ClientSession(headers=headers))
+            sessions[mode] = (session, svc.url)
+            await _round(session, svc.url, 50, 4)  # warm up (and fill the key cache)
+        for _ in range(rounds):
+            for mode, (session, url) in sessions.items():
+                seconds[mode] += await _round(session, url, per_round, 16)
+    rate = {mode: per_round * rounds / s for mode, s in seconds.items()}
+    verify = await _verify_us(2000 if env.quick else 20000)
+    rows = [
+        Row(
+            "auth",
+            "verify a cached key in-process (service) vs a request without auth (driver)",
+            verify,
+            1e6 / rate["disabled"],
+            "us",
+            "<= 0.05",
+            higher_is_better=False,
+        )
+    ]
+    for mode in ("user key", "admin key"):
+        rows.append(
+            Row(
+                "auth",
+                f"GET one record, {mode} (service) vs AUTH=disabled (driver column)",
+                rate[mode],
+                rate["disabled"],
+                "req/s",
+                ">= 0.85",
+            )
+        )
+    return rows

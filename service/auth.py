@@ -1,0 +1,656 @@
+"""Who is asking, and what they may see: API keys, OIDC bearer JWTs, ownership, hardening.
+
+Every request outside `PUBLIC_PATHS` must carry `Authorization: Bearer <credential>`;
+`auth_middleware` turns it into a `Principal` at `request[PRINCIPAL]`. Resource modules
+adopt the rules with one call each:
+
+- `owner_filter(request)`: merge into every query that reads, changes, counts or
+  deletes records (`{}` for admins, `{"user_id": <caller>}` otherwise), so another user's
+  record is indistinguishable from a missing one;
+- `claim_owner(request, user_id)`: the owner of a record being created or imported
+  (omitted: the caller; another user: 403 unless admin);
+- `same_owner(request, user_id)`: the filter a referenced record (a job's deployment) must
+  match, so links never cross owners;
+- `require_admin(request)`: for endpoints about the whole service (e.g. /metrics);
+- `body_deadline(request)`: around every read of a whole request body (a slow body is 408);
+  for streamed bodies, where a total deadline would cut off large uploads, each read must
+  finish within it: `read_deadline(request, read)` or `deadline_stream(request)`.
+
+API keys look like `jsk_<key_id>_<secret>`; the database keeps only a salted SHA-256 of
+the secret (the secret is 256 random bits, so a slow hash would add nothing). Verified
+keys are cached in-process for `KEY_CACHE_TTL_S`: a revoked key stops working within
+that time on every instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import math
+import os
+import secrets
+import string
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import aiohttp
+import jwt
+from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from pymongo import AsyncMongoClient, ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+
+from .database import (
+    DB,
+    LOCAL_URL_OPTIONS,
+    PORT_FILE,
+    Doc,
+    EmbeddedDatabaseError,
+    embedded_server,
+)
+from .errors import Forbidden, RequestTimeout, TooManyRequests, Unauthorized, invalid
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.yaml"})
+KEY_PREFIX = "jsk_"
+KEY_CACHE_TTL_S = 10.0
+KEY_CACHE_SIZE = 1024
+MAX_CREDENTIAL = 8192  # longer than any key or sane JWT; refused without parsing
+ADMIN_KEY_FILE = "admin-key"
+ENV_ADMIN_USER = "admin"  # the user SERVICE_ADMIN_KEY and the first-start key act as
+JWT_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)  # asymmetric only: "none" and HMAC algorithms (key confusion) are never accepted
+JWKS_MAX_AGE_S = 3600.0
+# aiohttp's parser answers 400 (plain text, before any middleware) beyond these.
+HEADER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller, and the rules that follow from who it is (for code without a request at
+    hand, e.g. a bulk import; handlers use the functions below).
+
+    `user_id` is None only when auth is disabled (then every request is an admin)."""
+
+    user_id: str | None
+    admin: bool
+
+    def owner_filter(self) -> Doc:
+        return {} if self.admin else {"user_id": self.user_id}
+
+    def claim(self, user_id: str | None, loc: list[str | int]) -> str:
+        if user_id is None:
+            if self.user_id is None:  # auth disabled: nobody to default to
+                raise invalid(loc, "Field required")
+            return self.user_id
+        if not self.admin and user_id != self.user_id:
+            where = ".".join(map(str, loc))
+            raise Forbidden(f"{where}: you may only create records of your own user.")
+        return user_id
+
+    def same_owner(self, user_id: str) -> Doc:
+        return {} if self.user_id is None else {"user_id": user_id}
+
+
+ANONYMOUS_ADMIN = Principal(None, True)
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+# --- the rules, for resource modules -----------------------------------------------------
+
+
+def principal(request: web.Request) -> Principal:
+    return request[PRINCIPAL]
+
+
+def owner_filter(request: web.Request) -> Doc:
+    """What every read, change, count and delete must also match: the caller's records."""
+    return request[PRINCIPAL].owner_filter()
+
+
+def claim_owner(
+    request: web.Request, user_id: str | None, loc: list[str | int] | None = None
+) -> str:
+    """The owner of a new record: `user_id` if the caller may create for them (else 403);
+    omitted, the caller (422 when auth is disabled and there is no caller)."""
+    return request[PRINCIPAL].claim(user_id, loc or ["body", "user_id"])
+
+
+def same_owner(request: web.Request, user_id: str) -> Doc:
+    """The filter a record referenced by a new record of `user_id` must match (auth on)."""
+    return request[PRINCIPAL].same_owner(user_id)
+
+
+def require_admin(request: web.Request) -> None:
+    if not request[PRINCIPAL].admin:
+        raise Forbidden("Only an admin may use this endpoint.")
+
+
+# --- hardening -----------------------------------------------------------------------------
+
+BODY_TIMEOUT = web.AppKey("body_timeout_s", float)
+
+
+@contextlib.asynccontextmanager
+async def body_deadline(request: web.Request) -> AsyncIterator[None]:
+    """A body not received within BODY_TIMEOUT_S is a 408 (and the connection closes)."""
+    deadline = asyncio.timeout(request.app.get(BODY_TIMEOUT, 30.0))
+    try:
+        async with deadline:
+            yield
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise RequestTimeout(
+            "The request body did not arrive in time.", headers={"Connection": "close"}
+        ) from None
+
+
+def read_deadline(
+    request: web.Request, read: Callable[[int], Awaitable[bytes]]
+) -> Callable[[int], Awaitable[bytes]]:
+    """For streamed bodies (no total deadline: files may be large): each read must finish
+    within BODY_TIMEOUT_S, so a stalled upload ends in 408 instead of holding on forever."""
+
+    async def timed(n: int) -> bytes:
+        async with body_deadline(request):
+            return await read(n)
+
+    return timed
+
+
+class _DeadlineStream:
+    """`request.content`, for readers that use `readany` (bulk imports), with a deadline
+    on each read."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+
+    async def readany(self) -> bytes:
+        async with body_deadline(self.request):
+            return await self.request.content.readany()
+
+
+def deadline_stream(request: web.Request) -> StreamReader:
+    """The request body as a stream whose every `readany` must finish within
+    BODY_TIMEOUT_S (only `readany` is offered)."""
+    return cast(StreamReader, _DeadlineStream(request))
+
+
+class RedactParseErrors(logging.Filter):
+    """aiohttp logs a malformed or oversized request line or header with its start, which
+    may be an Authorization header: keep the log line, drop the quoted bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.msg}: {exc.__class__.__name__} (its text is not logged)"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def install_log_redaction() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RedactParseErrors) for f in logger.filters):
+        logger.addFilter(RedactParseErrors())
+
+
+class FailureLimiter:
+    """Failed authentications per client address in a sliding one-minute window."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self.max_clients = max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, client: str, now: float) -> int | None:
+        """Seconds until `client` may try again, or None if it may now."""
+        times = self._failures.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.WINDOW_S:
+            times.popleft()
+        if len(times) < self.per_minute:
+            return None
+        return max(1, math.ceil(times[0] + self.WINDOW_S - now))
+
+    def record(self, client: str, now: float) -> None:
+        times = self._failures.pop(client, None) or deque(maxlen=self.per_minute)
+        times.append(now)
+        self._failures[client] = times  # most recent last
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
+
+
+# --- API keys ------------------------------------------------------------------------------
+
+
+def _hash(salt: str, secret: str) -> str:
+    return hashlib.sha256((salt + secret).encode()).hexdigest()
+
+
+def new_key(user_id: str, admin: bool, name: str | None) -> tuple[str, Doc]:
+    """A fresh key's text (shown once) and the document that stores only its hash."""
+    key_id, secret, salt = secrets.token_hex(8), secrets.token_urlsafe(32), secrets.token_hex(16)
+    doc = {
+        "_id": key_id,
+        "salt": salt,
+        "hash": _hash(salt, secret),
+        "user_id": user_id,
+        "admin": admin,
+        "name": name,
+        "created": datetime.now(UTC),
+        "revoked_at": None,
+    }
+    return f"{KEY_PREFIX}{key_id}_{secret}", doc
+
+
+def split_key(text: str) -> tuple[str, str] | None:
+    """`jsk_<16 hex>_<secret>` into (key_id, secret); None for anything else."""
+    if not text.startswith(KEY_PREFIX):
+        return None
+    key_id, sep, secret = text[len(KEY_PREFIX) :].partition("_")
+    if not sep or not secret or len(key_id) != 16 or not set(key_id) <= set(string.hexdigits):
+        return None
+    return key_id.lower(), secret
+
+
+async def create_key(
+    db: AsyncDatabase[Doc], user_id: str, admin: bool, name: str | None = None
+) -> tuple[str, Doc]:
+    key, doc = new_key(user_id, admin, name)
+    await db.api_keys.insert_one(doc)
+    return key, doc
+
+
+async def list_keys(db: AsyncDatabase[Doc]) -> list[Doc]:
+    """Every key without its salt and hash."""
+    cursor = db.api_keys.find({}, {"salt": 0, "hash": 0}).sort([("created", 1), ("_id", 1)])
+    return await cursor.to_list(None)
+
+
+async def revoke_key(db: AsyncDatabase[Doc], key_id: str) -> Doc | None:
+    """Mark a key revoked (kept for the record); None if there is no such unrevoked key."""
+    return await db.api_keys.find_one_and_update(
+        {"_id": key_id, "revoked_at": None},
+        {"$set": {"revoked_at": datetime.now(UTC)}},
+        projection={"salt": 0, "hash": 0},
+        return_document=ReturnDocument.AFTER,
+    )
+
+
+@dataclass
+class CachedKey:
+    salt: str
+    hash: str
+    principal: Principal
+    expires: float
+
+
+class KeyCache:
+    """Verified key documents by key id, for a few seconds, so a request costs no lookup."""
+
+    def __init__(self, ttl_s: float = KEY_CACHE_TTL_S, size: int = KEY_CACHE_SIZE) -> None:
+        self.ttl_s, self.size = ttl_s, size
+        self._entries: OrderedDict[str, CachedKey] = OrderedDict()
+
+    def get(self, key_id: str, now: float) -> CachedKey | None:
+        entry = self._entries.get(key_id)
+        if entry is not None and entry.expires <= now:
+            del self._entries[key_id]
+            return None
+        return entry
+
+    def put(self, key_id: str, doc: Doc, now: float) -> CachedKey:
+        entry = CachedKey(
+            doc["salt"],
+            doc["hash"],
+            Principal(doc["user_id"], bool(doc["admin"])),
+            now + self.ttl_s,
+        )
+        self._entries.pop(key_id, None)
+        self._entries[key_id] = entry
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return entry
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+# --- OpenID Connect ------------------------------------------------------------------------
+
+
+class Jwks:
+    """The provider's signing keys, fetched with aiohttp, refetched for an unknown key id."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, refresh_s: float) -> None:
+        self.url, self.session, self.refresh_s = url, session, refresh_s
+        self.keys: dict[str | None, jwt.PyJWK] = {}
+        self.fetched_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str | None) -> jwt.PyJWK | None:
+        now = time.monotonic()
+        stale = self.fetched_at is None or now - self.fetched_at > JWKS_MAX_AGE_S
+        may_refetch = self.fetched_at is None or now - self.fetched_at >= self.refresh_s
+        if stale or (kid not in self.keys and may_refetch):
+            async with self._lock:
+                if self.fetched_at is None or self.fetched_at < now:  # nobody fetched meanwhile
+                    await self._fetch()
+        return self.keys.get(kid)
+
+    async def _fetch(self) -> None:
+        self.fetched_at = time.monotonic()
+        try:
+            async with self.session.get(self.url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                resp.raise_for_status()
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("could not fetch the OIDC JWKS: %s", exc.__class__.__name__)
+            return
+        keys: dict[str | None, jwt.PyJWK] = {}
+        for jwk in data.get("keys", []) if isinstance(data, dict) else []:
+            if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+                continue
+            with contextlib.suppress(jwt.PyJWTError):
+                keys[jwk.get("kid")] = jwt.PyJWK(jwk)
+        if len(keys) == 1:
+            keys.setdefault(None, next(iter(keys.values())))  # a token without kid: the one key
+        self.keys = keys
+
+
+def _claim(claims: dict[str, Any], path: str) -> Any:
+    value: Any = claims
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def looks_like_jwt(token: str) -> bool:
+    return token.startswith("eyJ") and token.count(".") == 2
+
+
+# --- the authenticator ---------------------------------------------------------------------
+
+
+@dataclass
+class Authenticator:
+    settings: Settings
+    keys: KeyCache = field(default_factory=KeyCache)
+    limiter: FailureLimiter = field(init=False)
+    jwks: Jwks | None = None
+
+    def __post_init__(self) -> None:
+        self.limiter = FailureLimiter(self.settings.auth_failures_per_minute)
+
+    async def authenticate(self, request: web.Request) -> Principal:
+        if self.settings.auth == "disabled":
+            return ANONYMOUS_ADMIN
+        client = request.remote or "unknown"
+        now = time.monotonic()
+        wait = self.limiter.retry_after(client, now)
+        if wait is not None:
+            raise TooManyRequests(
+                "Too many failed authentications from your address; try again later.",
+                headers={"Retry-After": str(wait)},
+            )
+        header = request.headers.get("Authorization")
+        if header is None:
+            self.limiter.record(client, now)
+            raise Unauthorized(
+                "Send an API key or token as `Authorization: Bearer <key>`.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        scheme, _, credential = header.strip().partition(" ")
+        found = None
+        if scheme.lower() == "bearer" and 0 < len(credential.strip()) <= MAX_CREDENTIAL:
+            found = await self.verify(request.app[DB].db, credential.strip())
+        if found is None:
+            self.limiter.record(client, now)
+            log.info("failed authentication from %s", client)
+            raise Unauthorized(
+                "The credential is not valid (unknown, revoked, expired or malformed).",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return found
+
+    async def verify(self, db: AsyncDatabase[Doc], credential: str) -> Principal | None:
+        """The principal `credential` stands for, or None; every comparison in constant time."""
+        admin_key = self.settings.service_admin_key
+        if admin_key is not None and hmac.compare_digest(
+            _digest(credential), _digest(admin_key.get_secret_value())
+        ):
+            return Principal(ENV_ADMIN_USER, True)
+        if self.jwks is not None and looks_like_jwt(credential):
+            return await self.verify_jwt(credential)
+        parts = split_key(credential)
+        if parts is None:
+            return None
+        key_id, secret = parts
+        now = time.monotonic()
+        entry = self.keys.get(key_id, now)
+        if entry is None:
+            doc = await db.api_keys.find_one({"_id": key_id, "revoked_at": None})
+            if doc is None:
+                return None
+            entry = self.keys.put(key_id, doc, now)
+        if not hmac.compare_digest(_hash(entry.salt, secret).encode(), entry.hash.encode()):
+            return None
+        return entry.principal
+
+    async def verify_jwt(self, token: str) -> Principal | None:
+        assert self.jwks is not None
+        settings = self.settings
+        try:
+            header = jwt.get_unverified_header(token)
+            alg = header.get("alg")
+            if alg not in JWT_ALGORITHMS:
+                return None
+            jwk = await self.jwks.key(header.get("kid"))
+            if jwk is None or jwk.algorithm_name not in (alg, None):
+                return None
+            claims = jwt.decode(
+                token,
+                jwk.key,
+                algorithms=[alg],
+                audience=settings.oidc_audience,
+                issuer=settings.oidc_issuer,
+                options={"require": ["exp", "aud", "iss"]},
+                leeway=30,
+            )
+        except jwt.PyJWTError:
+            return None
+        user = _claim(claims, settings.oidc_user_claim)
+        if not isinstance(user, str) or not 0 < len(user) <= 200:
+            return None
+        admin = False
+        if settings.oidc_admin_claim:
+            granted = _claim(claims, settings.oidc_admin_claim)
+            value = settings.oidc_admin_value
+            admin = granted == value or (isinstance(granted, list) and value in granted)
+        return Principal(user, admin)
+
+
+AUTH = web.AppKey("auth", Authenticator)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in PUBLIC_PATHS:
+        request[PRINCIPAL] = await request.app[AUTH].authenticate(request)
+    return await handler(request)
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    """At start: warn when auth is off, make sure an admin can get in, start OIDC."""
+    authenticator = app[AUTH]
+    settings = authenticator.settings
+    if settings.auth == "disabled":
+        log.warning("AUTH=disabled: every request acts as an admin; never expose this service")
+        yield
+        return
+    if settings.service_admin_key is None:
+        await ensure_first_key(app[DB].db, settings.data_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.oidc_jwks_url:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            authenticator.jwks = Jwks(settings.oidc_jwks_url, session, settings.oidc_jwks_refresh_s)
+            log.info("OIDC bearer tokens accepted (issuer %s)", settings.oidc_issuer)
+        yield
+
+
+async def ensure_first_key(db: AsyncDatabase[Doc], data_dir: Path) -> None:
+    """When no key exists at all, create an admin key and leave it in DATA_DIR/admin-key."""
+    if await db.api_keys.find_one({}, {"_id": 1}) is not None:
+        return
+    key, doc = new_key(ENV_ADMIN_USER, True, "created at first start")
+    path = data_dir / ADMIN_KEY_FILE
+    try:
+        write_private(path, key + "\n")
+    except OSError as exc:
+        log.error(
+            "no API key exists and %s cannot be written (%s): set SERVICE_ADMIN_KEY or run "
+            "`python -m service keys create --user admin --admin`",
+            path,
+            exc.__class__.__name__,
+        )
+        return
+    await db.api_keys.insert_one(doc)
+    log.warning(
+        "no API key existed: created an admin key, written to %s (mode 0600)", path.resolve()
+    )
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def setup(app: web.Application, settings: Settings) -> None:
+    """Install authentication on `app`: after the problem middleware, after the database."""
+    app[AUTH] = Authenticator(settings)
+    app[BODY_TIMEOUT] = settings.body_timeout_s
+    app.middlewares.append(auth_middleware)
+    app.cleanup_ctx.append(auth_ctx)
+    install_log_redaction()
+
+
+# --- command line: python -m service keys ... ------------------------------------------------
+
+
+def add_keys_command(commands: Any) -> None:
+    """Register `keys create|list|revoke` on the top-level subparsers."""
+    keys = commands.add_parser("keys", help="manage API keys (talks to the database directly)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print it (only this once)")
+    create.add_argument("--user", required=True, help="the user the key acts as")
+    create.add_argument("--admin", action="store_true", help="the key sees every user's records")
+    create.add_argument("--name", help="a note to recognise the key by")
+    actions.add_parser("list", help="list keys (never their secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id", metavar="ID")
+
+
+def keys_command(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        return asyncio.run(_keys(args, settings))
+    except (EmbeddedDatabaseError, PyMongoError) as exc:
+        print(f"cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "create" and not 0 < len(args.user) <= 200:
+        print("--user must be 1 to 200 characters", file=sys.stderr)
+        return 2
+    async with cli_database(settings) as db:
+        if args.action == "create":
+            key, doc = await create_key(db, args.user, args.admin, args.name)
+            print(
+                f"created key {doc['_id']} for user {args.user!r}"
+                f"{' (admin)' if args.admin else ''}; it is shown only this once:",
+                file=sys.stderr,
+            )
+            print(key)
+        elif args.action == "list":
+            print(f"{'ID':16}  {'USER':20}  ADMIN  {'CREATED':20}  {'REVOKED':20}  NAME")
+            for doc in await list_keys(db):
+                revoked = doc.get("revoked_at")
+                print(
+                    f"{doc['_id']:16}  {doc['user_id']:20}  {'yes' if doc['admin'] else 'no':5}  "
+                    f"{doc['created']:%Y-%m-%dT%H:%M:%SZ}  "
+                    f"{f'{revoked:%Y-%m-%dT%H:%M:%SZ}' if revoked else '-':20}  "
+                    f"{doc.get('name') or ''}"
+                )
+        else:
+            if await revoke_key(db, args.key_id) is None:
+                print(f"no unrevoked key with id {args.key_id!r}", file=sys.stderr)
+                return 1
+            print(
+                f"revoked key {args.key_id}; running services stop accepting it within "
+                f"{KEY_CACHE_TTL_S:g} s",
+                file=sys.stderr,
+            )
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def cli_database(settings: Settings) -> AsyncIterator[AsyncDatabase[Doc]]:
+    """MONGODB_URL; else the running service's embedded server; else one just for this."""
+    async with contextlib.AsyncExitStack() as stack:
+        url = settings.mongodb_url or await running_embedded(settings.data_dir)
+        if url is None:
+            embedded = await stack.enter_async_context(
+                embedded_server(settings.data_dir, settings.embedded_start_timeout_s)
+            )
+            url = embedded.url
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(
+            url, tz_aware=True, serverSelectionTimeoutMS=settings.mongodb_timeout_ms
+        )
+        stack.push_async_callback(client.close)
+        yield client[settings.mongodb_db]
+
+
+async def running_embedded(data_dir: Path) -> str | None:
+    """The URL of the embedded server a running service started on `data_dir`, if it answers."""
+    try:
+        port = int((data_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}&journal=true"
+    probe: AsyncMongoClient[Doc] = AsyncMongoClient(url, serverSelectionTimeoutMS=1000)
+    try:
+        await probe.admin.command("ping")
+    except Exception:
+        return None
+    finally:
+        await probe.close()
+    return url

@@ -1,0 +1,876 @@
+"""Bulk import and export of deployments and jobs as NDJSON streams.
+
+`POST /import/{kind}` reads the body line by line (never the whole body), validates each
+record with the rules of the rest of the API, and writes batches with unordered bulk
+writes. While one batch is written, the next is read and validated. Every bad line is
+reported and skipped; the rest goes in.
+
+A client that disconnects (or a database that fails) mid-import leaves the batches
+already written in place: an import is not a transaction. Retrying the same file with
+`?on_conflict=skip` inserts exactly what is missing, because records that carry their
+ids are recognised as already there. (Records without ids get new ids each time, so only
+imports that give ids are safely retryable; an export always gives them.)
+
+`GET /export/{kind}` streams the public shape of every matching record, sorted by id,
+from a driver cursor, so memory stays constant and an export re-imports exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import heapq
+import itertools
+import logging
+from array import array
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+import bson
+import orjson
+import pydantic_core
+from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+from pymongo import ReplaceOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, OperationFailure
+
+from . import app as assembly  # for SETTINGS; app.py imports this module (no cycle at run time)
+from .auth import ANONYMOUS_ADMIN, Principal, deadline_stream, owner_filter, principal
+from .database import DB, Doc, analytics_db, ensure_counter, next_ids
+from .errors import BadRequest, Problem, UnsupportedMediaType, ValidationFailed, bad_query
+from .http import check_query, json_response
+from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
+from .metrics import IMPORT_ROWS
+from .models import TERMINAL, TRANSITIONS, TaskStatus
+from .pagination import (
+    DEPLOYMENT_FILTERS,
+    DEPLOYMENT_SORTS,
+    JOB_FILTERS,
+    JOB_SORTS,
+    PAGING,
+    FilterKind,
+    parse_list_query,
+)
+from .results import MAX_CONTENT_TYPE, MAX_METADATA, MEDIA_TYPE, check_name
+from .schemas import (
+    Name,
+    OwnerId,
+    Parameters,
+    PositiveId,
+    Timestamp,
+    public_deployment,
+    public_job,
+)
+from .store import now
+
+log = logging.getLogger(__name__)
+
+NDJSON = "application/x-ndjson"
+BATCH_RECORDS = 1000  # records per bulk write
+BATCH_BYTES = 8 * 1024 * 1024  # ... or fewer, when the lines are large
+MAX_LINE = 16 * 1024 * 1024  # MongoDB's largest document: no valid record is longer
+MAX_ERRORS = 1000  # errors listed in the answer; `failed` counts them all
+KNOWN_PARENTS_CACHE = 100_000
+EXPORT_BATCH = 1000  # documents a cursor batch, read while the last one is written
+EXPORT_SLICE = 100  # documents a write
+OnConflict = Literal["fail", "skip", "replace"]
+ON_CONFLICT: tuple[OnConflict, ...] = ("fail", "skip", "replace")
+DUPLICATE_KEY, BAD_VALUE = 11000, 2  # server error codes
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+class RecordError(Exception):
+    """One line cannot be imported; `detail` says why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+# --- records ---------------------------------------------------------------------------
+
+Status = Annotated[TaskStatus, Field(strict=False)]  # from its string
+# A given id moves the counter past it; half of the id space stays for the service, so
+# no import can leave it without ids to hand out.
+MAX_GIVEN_ID = 2**62
+GivenId = Annotated[StrictInt, Field(ge=1, le=MAX_GIVEN_ID)]
+Revision = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
+
+
+def _result_name(name: str) -> str:
+    try:
+        return check_name(name)  # the rules of PUT /jobs/{job_id}/results/{name}
+    except Problem as exc:
+        raise ValueError(exc.errors[0]["msg"] if exc.errors else exc.detail) from None
+
+
+def _media_type(value: str) -> str:
+    if len(value) > MAX_CONTENT_TYPE or not MEDIA_TYPE.fullmatch(value):
+        raise ValueError(f"must be a media type such as 'text/csv', at most {MAX_CONTENT_TYPE}")
+    return value
+
+
+ResultName = Annotated[StrictStr, AfterValidator(_result_name)]
+MediaType = Annotated[StrictStr, AfterValidator(_media_type)]
+
+
+class Record(BaseModel):
+    """A line of an import: the public shape, ids and service-kept fields optional."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    not_null: ClassVar[frozenset[str]] = frozenset()  # optional, but never null
+    user_id: OwnerId = None  # omitted: the caller (auth.Principal.claim)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            nulls = sorted(name for name in cls.not_null if name in values and values[name] is None)
+            if nulls:
+                raise ValueError(f"{', '.join(nulls)}: may not be null (leave it out instead)")
+        return values
+
+    def record_id(self) -> int | None:
+        raise NotImplementedError
+
+    def complete(self, at: datetime) -> None:
+        """Fill in defaults (`at` is now) and check the rules across fields."""
+
+    def parent_id(self) -> int | None:
+        """The deployment a job belongs to."""
+        return None
+
+    def document(self, record_id: int) -> Doc:
+        raise NotImplementedError
+
+    def data_values(self) -> list[tuple[list[str | int], Any]]:
+        """Every value that follows the rules of `data`, with where it is."""
+        return []
+
+
+class DeploymentRecord(Record):
+    not_null = frozenset({"deployment_id", "created"})
+    deployment_id: GivenId | None = None
+    deployment_name: Name | None = None
+    created: Timestamp | None = None
+    parameters: Parameters = ""
+    data: Any = Field(default_factory=dict)
+    revision: Revision = 1
+
+    def record_id(self) -> int | None:
+        return self.deployment_id
+
+    def complete(self, at: datetime) -> None:
+        self.created = self.created or at
+
+    def document(self, record_id: int) -> Doc:
+        return {
+            "_id": record_id,
+            "deployment_name": self.deployment_name,
+            "user_id": self.user_id,
+            "created": self.created,
+            "parameters": self.parameters,
+            "data": self.data,
+            "revision": self.revision,
+        }
+
+    def data_values(self) -> list[tuple[list[str | int], Any]]:
+        return [(["data"], self.data)]
+
+
+class HistoryRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    task_status: Status
+    at: Timestamp
+
+
+class ResultRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: ResultName
+    content_type: MediaType
+    size: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+    created: Timestamp
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobRecord(Record):
+    not_null = frozenset({"job_id", "started_at", "history"})
+    job_id: GivenId | None = None
+    job_name: Name | None = None
+    deployment_id: PositiveId
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+    parameters: Parameters = ""
+    data: Any = Field(default_factory=dict)
+    task_status: Status = TaskStatus.PENDING
+    results: list[ResultRecord] = Field(default_factory=list)
+    history: list[HistoryRecord] | None = None
+    revision: Revision = 1
+
+    def record_id(self) -> int | None:
+        return self.job_id
+
+    def parent_id(self) -> int | None:
+        return self.deployment_id
+
+    def complete(self, at: datetime) -> None:
+        """The status rules of the API, for a job that may already have lived its life.
+
+        Defaults: `started_at` now; `finished_at` the time of the last history entry; a
+        missing `history` is the shortest allowed path to `task_status`, entered at
+        `started_at` and, for FINISHED and ERROR, left at `finished_at`.
+        """
+        started = self.started_at = self.started_at or at
+        status, history = self.task_status, self.history
+        if status in TERMINAL and self.finished_at is None and history:
+            self.finished_at = history[-1].at
+        if status in TERMINAL and self.finished_at is None:
+            raise RecordError(f"finished_at: required when task_status is {status.value}")
+        if status not in TERMINAL and self.finished_at is not None:
+            raise RecordError("finished_at: must be null unless task_status is FINISHED or ERROR")
+        if self.finished_at is not None and self.finished_at < started:
+            raise RecordError("finished_at: is before started_at")
+        if history is None:
+            self.history = default_history(status, started, self.finished_at)
+            history = self.history
+        if not history or history[0].task_status != TaskStatus.PENDING:
+            raise RecordError("history: must start with PENDING")
+        for n, (before, after) in enumerate(itertools.pairwise(history), 1):
+            if after.task_status not in TRANSITIONS[before.task_status]:
+                raise RecordError(
+                    f"history.{n}: {before.task_status.value} cannot change to "
+                    f"{after.task_status.value}"
+                )
+        if history[-1].task_status != status:
+            raise RecordError(f"history: must end with task_status ({status.value})")
+        for n, entry in enumerate(history):
+            if entry.at < started:
+                raise RecordError(f"history.{n}.at: is before started_at")
+        self.check_results()
+
+    def check_results(self) -> None:
+        """Entries only: a bulk import moves no file bytes (their download says so)."""
+        names = set()
+        for n, result in enumerate(self.results):
+            if result.name in names:
+                raise RecordError(f"results.{n}.name: {result.name!r} is listed twice")
+            names.add(result.name)
+            if len(orjson.dumps(result.metadata)) > MAX_METADATA:
+                raise RecordError(f"results.{n}.metadata: larger than {MAX_METADATA} bytes")
+
+    def document(self, record_id: int) -> Doc:
+        return {
+            "_id": record_id,
+            "job_name": self.job_name,
+            "user_id": self.user_id,
+            "deployment_id": self.deployment_id,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "parameters": self.parameters,
+            "data": self.data,
+            "task_status": self.task_status.value,
+            "results": [r.model_dump() for r in self.results],
+            "history": [
+                {"task_status": h.task_status.value, "at": h.at} for h in self.history or []
+            ],
+            "revision": self.revision,
+        }
+
+    def data_values(self) -> list[tuple[list[str | int], Any]]:
+        values: list[tuple[list[str | int], Any]] = [(["data"], self.data)]
+        for n, result in enumerate(self.results):
+            values.append((["results", n, "metadata"], result.metadata))
+        return values
+
+
+def default_history(
+    status: TaskStatus, started: datetime, finished: datetime | None
+) -> list[HistoryRecord]:
+    path = {
+        TaskStatus.PENDING: [],
+        TaskStatus.RUNNING: [TaskStatus.RUNNING],
+        TaskStatus.FINISHED: [TaskStatus.RUNNING, TaskStatus.FINISHED],
+        TaskStatus.ERROR: [TaskStatus.ERROR],
+    }[status]
+    entries = [HistoryRecord.model_construct(task_status=TaskStatus.PENDING, at=started)]
+    for step in path:
+        at = finished if step in TERMINAL and finished is not None else started
+        entries.append(HistoryRecord.model_construct(task_status=step, at=at))
+    return entries
+
+
+def parse_record(model: type[Record], line: bytes) -> Record:
+    """One line to a valid record, or a RecordError naming every problem found."""
+    try:
+        obj = pydantic_core.from_json(line, allow_inf_nan=False)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise RecordError(f"nested deeper than {MAX_DATA_DEPTH} levels") from None
+        raise RecordError(f"not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RecordError("must be a JSON object")
+    try:
+        record = model.model_validate(obj)
+    except ValidationError as exc:
+        raise RecordError(summary(exc)) from None
+    for loc, value in record.data_values():
+        if errors := stored_data_errors(value, loc):
+            raise RecordError(
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+            )
+    return record
+
+
+def stored_data_errors(value: Any, loc: list[str | int]) -> list[dict[str, Any]]:
+    """The rules of `data`, except that a value as large as merge patches may make it is
+    accepted (2 MiB as BSON, see merge_patch.merged_size_guard): every export re-imports.
+    """
+    errors = data_errors(value, loc)
+    too_large = f"larger than {MAX_DATA_BYTES} bytes as compact JSON"
+    if len(errors) == 1 and errors[0]["msg"] == too_large:
+        if len(bson.encode({"v": value})) <= MAX_MERGED_BSON_BYTES:
+            return []
+        errors[0]["msg"] = f"larger than {MAX_MERGED_BSON_BYTES} bytes as BSON"
+    return errors
+
+
+def summary(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors(include_url=False, include_input=False)[:5]:
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
+        where = ".".join(map(str, e["loc"]))
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
+# --- kinds -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # the collection and the counter
+    id_field: str
+    model: type[Record]
+    public: Callable[[Doc], Doc]
+    filters: dict[str, tuple[str, FilterKind]]
+    sorts: dict[str, str]
+    has_parent: bool  # jobs must name an existing deployment
+
+
+KINDS = {
+    "deployments": Kind(
+        "deployments",
+        "deployment_id",
+        DeploymentRecord,
+        public_deployment,
+        DEPLOYMENT_FILTERS,
+        DEPLOYMENT_SORTS,
+        has_parent=False,
+    ),
+    "jobs": Kind("jobs", "job_id", JobRecord, public_job, JOB_FILTERS, JOB_SORTS, has_parent=True),
+}
+
+
+# --- reading lines ---------------------------------------------------------------------
+
+
+class LineReader:
+    """Numbered lines from a byte stream, holding at most one line (of at most `max_line`
+    bytes) and one network chunk. A longer line is skipped and comes out as None.
+    """
+
+    def __init__(self, stream: StreamReader, max_line: int = MAX_LINE) -> None:
+        self.stream = stream
+        self.max_line = max_line
+        self.number = 0  # of the last line returned
+        self.ready: deque[bytes | None] = deque()  # complete lines not yet returned
+        self.head: list[bytes] = []  # the start of an unfinished line
+        self.head_size = 0
+        self.overflow = False  # the unfinished line is already too long
+        self.eof = False
+
+    async def read(self, max_records: int, max_bytes: int) -> list[tuple[int, bytes | None]]:
+        """The next lines, up to either limit; an empty list at the end of the stream."""
+        lines: list[tuple[int, bytes | None]] = []
+        size = 0
+        while len(lines) < max_records and size < max_bytes:
+            if not self.ready:
+                if self.eof:
+                    break
+                await self._fill()
+                continue
+            line = self.ready.popleft()
+            self.number += 1
+            lines.append((self.number, line))
+            size += len(line) if line is not None else self.max_line
+        return lines
+
+    async def _fill(self) -> None:
+        chunk = await self.stream.readany()
+        if not chunk:
+            self.eof = True
+            if self.head_size or self.overflow:  # a last line without a newline
+                self.ready.append(self._take())
+            return
+        *complete, rest = chunk.split(b"\n")
+        for part in complete:
+            self._extend(part)
+            self.ready.append(self._take())
+        self._extend(rest)
+
+    def _extend(self, piece: bytes) -> None:
+        if self.overflow or not piece:
+            return
+        self.head_size += len(piece)
+        if self.head_size > self.max_line:
+            self.head, self.overflow = [], True
+        else:
+            self.head.append(piece)
+
+    def _take(self) -> bytes | None:
+        line = None if self.overflow else b"".join(self.head).removesuffix(b"\r")
+        self.head, self.head_size, self.overflow = [], 0, False
+        return line
+
+
+# --- importing -------------------------------------------------------------------------
+
+
+class IdSet:
+    """The ids of one import: recent ones in a set, older ones folded into sorted runs, so
+    ids in order (an export) cost almost nothing and any ids at most 16 bytes each.
+    """
+
+    FOLD = 65536
+
+    def __init__(self) -> None:
+        self.recent: set[int] = set()
+        self.starts, self.ends = array("q"), array("q")  # inclusive runs, sorted
+
+    def __contains__(self, n: int) -> bool:
+        i = bisect_right(self.starts, n)
+        return n in self.recent or (i > 0 and n <= self.ends[i - 1])
+
+    def add(self, n: int) -> bool:
+        """Remember `n`; False if it was there already."""
+        if n in self:
+            return False
+        self.recent.add(n)
+        if len(self.recent) >= self.FOLD:
+            self._fold()
+        return True
+
+    def _fold(self) -> None:
+        starts, ends = array("q"), array("q")
+        runs = heapq.merge(
+            zip(self.starts, self.ends, strict=True), ((n, n) for n in sorted(self.recent))
+        )
+        for start, end in runs:
+            if ends and start == ends[-1] + 1:
+                ends[-1] = end
+            else:
+                starts.append(start)
+                ends.append(end)
+        self.starts, self.ends, self.recent = starts, ends, set()
+
+
+@dataclass
+class Batch:
+    """Up to BATCH_RECORDS lines on their way in, and what became of them."""
+
+    lines: list[int] = field(default_factory=list)  # the line of each document
+    docs: list[Doc] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    received: int = 0
+    inserted: int = 0
+    replaced: int = 0
+    skipped: int = 0
+
+    def fail(self, line: int, detail: str) -> None:
+        self.errors.append((line, detail))
+
+
+@dataclass
+class Report:
+    received: int = 0
+    inserted: int = 0
+    replaced: int = 0
+    skipped: int = 0
+    failed: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, batch: Batch) -> None:
+        """Batches are added in order, so `errors` holds the first errors by line."""
+        self.received += batch.received
+        self.inserted += batch.inserted
+        self.replaced += batch.replaced
+        self.skipped += batch.skipped
+        self.failed += len(batch.errors)
+        for line, detail in sorted(batch.errors)[: MAX_ERRORS - len(self.errors)]:
+            self.errors.append({"line": line, "detail": detail})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "inserted": self.inserted,
+            "replaced": self.replaced,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "errors": self.errors,
+        }
+
+
+class Importer:
+    """One import: batches are read and validated while the previous one is written."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Doc],
+        kind: Kind,
+        on_conflict: OnConflict,
+        stream: StreamReader,
+        caller: Principal = ANONYMOUS_ADMIN,
+    ) -> None:
+        self.db = db
+        self.kind = kind
+        self.on_conflict = on_conflict
+        self.caller = caller  # whose records these may be (403 at the first that is not)
+        self.reader = LineReader(stream)
+        self.given, self.assigned = IdSet(), IdSet()  # ids of this import
+        self.known_parents: dict[int, str] = {}  # deployments known to exist, their owners
+        self.report = Report()
+
+    async def run(self) -> Report:
+        writing: Batch | None = None
+        while True:
+            _, reading = await alongside(self.write(writing), self.prepare())
+            if writing is not None:
+                self.report.add(writing)
+                count_rows(self.kind.name, writing)
+            writing = reading
+            if writing is None:
+                return self.report
+
+    async def prepare(self) -> Batch | None:
+        """Read, parse and check the next lines; give the valid ones their ids."""
+        lines = await self.reader.read(BATCH_RECORDS, BATCH_BYTES)
+        if not lines:
+            return None
+        batch, records, at = Batch(), [], now()
+        for number, line in lines:
+            if line is not None and (not line or line.isspace()):
+                continue  # blank lines are allowed and not counted
+            batch.received += 1
+            if line is None:
+                batch.fail(number, f"longer than {MAX_LINE} bytes")
+                continue
+            try:
+                record = parse_record(self.kind.model, line)
+                record.user_id = self.caller.claim(record.user_id, [f"line {number}", "user_id"])
+                record.complete(at)
+            except RecordError as exc:
+                batch.fail(number, exc.detail)
+                continue
+            except ValidationFailed:  # no user_id, and auth disabled: nobody to default to
+                batch.fail(number, "user_id: Field required")
+                continue
+            record_id = record.record_id()
+            if record_id is not None and (problem := self.duplicate(record_id)):
+                batch.fail(number, f"{self.kind.id_field}: {record_id} {problem}")
+                continue
+            records.append((number, record))
+        if self.kind.has_parent:
+            records = await self.check_parents(records, batch)
+        await self.assign_ids(records, batch)
+        return batch
+
+    def duplicate(self, record_id: int) -> str | None:
+        """Each id at most once per import, whether given or handed out by the import."""
+        if record_id in self.assigned:
+            return (
+                "was already handed out to an earlier record without an id in this import "
+                "(give ids to all records or to none)"
+            )
+        return None if self.given.add(record_id) else "appears earlier in this import"
+
+    async def check_parents(
+        self, records: list[tuple[int, Record]], batch: Batch
+    ) -> list[tuple[int, Record]]:
+        """Jobs must name existing deployments: one `$in` query per batch, and a cache."""
+        ids = {i for _, record in records if (i := record.parent_id()) is not None}
+        missing = ids - self.known_parents.keys()
+        found = await self.existing_parents(missing) if missing else {}
+        owners = {i: self.known_parents[i] for i in ids & self.known_parents.keys()} | found
+        if len(self.known_parents) + len(found) > KNOWN_PARENTS_CACHE:
+            self.known_parents.clear()
+        self.known_parents |= found
+        kept = []
+        for number, record in records:
+            parent = record.parent_id()
+            assert parent is not None and record.user_id is not None  # a job, claimed above
+            # The deployment must match auth.same_owner (its owner is the job's, when auth
+            # is on); another user's reads exactly like a missing one.
+            required = self.caller.same_owner(record.user_id)
+            if parent in owners and required.items() <= {"user_id": owners[parent]}.items():
+                kept.append((number, record))
+            else:
+                batch.fail(number, f"deployment_id: no deployment with id {record.parent_id()}")
+        return kept
+
+    async def existing_parents(self, ids: set[int]) -> dict[int, str]:
+        """The deployments among `ids` that exist, with their owners."""
+        cursor = self.db.deployments.find({"_id": {"$in": sorted(ids)}}, {"user_id": 1})
+        return {doc["_id"]: doc["user_id"] async for doc in cursor}
+
+    async def assign_ids(self, records: list[tuple[int, Record]], batch: Batch) -> None:
+        """Explicit ids first move the counter past them (before they are written, so a
+        crash can never leave them ahead of it); the others get ids from one `$inc`.
+        """
+        given = [i for _, record in records if (i := record.record_id()) is not None]
+        if given:
+            await raise_counter(self.db, self.kind.name, max(given))
+        missing = len(records) - len(given)
+        next_id: int | None = None
+        if missing:
+            try:
+                next_id = await next_ids(self.db, self.kind.name, missing)
+            except OperationFailure as exc:
+                if exc.code != BAD_VALUE:
+                    raise
+                # Given ids took the counter so close to 2**63 - 1 that `$inc` overflows.
+        for number, record in records:
+            record_id = record.record_id()
+            if record_id is None:
+                if next_id is None:
+                    batch.fail(number, f"{self.kind.id_field}: no ids are left to hand out")
+                    continue
+                record_id, next_id = next_id, next_id + 1
+                self.assigned.add(record_id)
+            batch.lines.append(number)
+            batch.docs.append(record.document(record_id))
+
+    async def write(self, batch: Batch | None) -> None:
+        """One unordered bulk write; each refused document becomes an error or a skip."""
+        if batch is None or not batch.docs:
+            return
+        collection = self.db[self.kind.name]
+        replace = self.on_conflict == "replace"
+        result: Mapping[str, Any]
+        try:
+            if replace:
+                # Only the caller's own records are replaced: another user's id is a
+                # duplicate key, reported like any record that exists ("already exists").
+                owner = self.caller.owner_filter()
+                ops = [ReplaceOne({**owner, "_id": d["_id"]}, d, upsert=True) for d in batch.docs]
+                result = (await collection.bulk_write(ops, ordered=False)).bulk_api_result
+            else:
+                await collection.insert_many(batch.docs, ordered=False)
+                result = {"writeErrors": [], "upserted": []}
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise
+            result = exc.details
+        refused = self.refused(batch, result["writeErrors"])
+        upserted = {u["index"] for u in result["upserted"]} if replace else None
+        written = [i for i in range(len(batch.docs)) if i not in refused]
+        if self.kind.has_parent:
+            written = await self.recheck_parents(batch, written, collection)
+        for i in written:
+            if upserted is None or i in upserted:
+                batch.inserted += 1
+            else:
+                batch.replaced += 1
+
+    def refused(self, batch: Batch, write_errors: list[dict[str, Any]]) -> set[int]:
+        refused = set()
+        for error in write_errors:
+            i = error["index"]
+            refused.add(i)
+            record_id = f"{self.kind.id_field}: {batch.docs[i]['_id']}"
+            if error["code"] != DUPLICATE_KEY:
+                batch.fail(batch.lines[i], f"not written: {error.get('errmsg', 'refused')}")
+            elif self.on_conflict == "skip":
+                batch.skipped += 1
+            elif self.on_conflict == "fail" or self.caller.owner_filter():
+                batch.fail(batch.lines[i], f"{record_id} already exists")
+            else:
+                batch.fail(batch.lines[i], f"{record_id} was written concurrently; retry")
+        return refused
+
+    async def recheck_parents(
+        self, batch: Batch, written: list[int], collection: AsyncCollection[Doc]
+    ) -> list[int]:
+        """A deployment deleted while its jobs were written takes them back out (as
+        jobs.create_job does), so no import leaves a job without its deployment.
+        """
+        ids: set[int] = {batch.docs[i]["deployment_id"] for i in written}
+        gone = ids - (await self.existing_parents(ids)).keys() if ids else set()
+        if not gone:
+            return written
+        for parent in gone:
+            self.known_parents.pop(parent, None)
+        orphans = [i for i in written if batch.docs[i]["deployment_id"] in gone]
+        await collection.delete_many(
+            {
+                "_id": {"$in": [batch.docs[i]["_id"] for i in orphans]},
+                "deployment_id": {"$in": list(gone)},
+            }
+        )
+        for i in orphans:
+            detail = f"deployment_id: deployment {batch.docs[i]['deployment_id']} was deleted"
+            batch.fail(batch.lines[i], f"{detail} during the import")
+        return [i for i in written if i not in set(orphans)]
+
+
+def count_rows(kind: str, batch: Batch) -> None:
+    """/metrics, batch by batch, so a long import shows its progress."""
+    outcomes = {
+        "inserted": batch.inserted,
+        "replaced": batch.replaced,
+        "skipped": batch.skipped,
+        "failed": len(batch.errors),
+    }
+    for outcome, rows in outcomes.items():
+        if rows:
+            IMPORT_ROWS.labels(kind=kind, outcome=outcome).inc(rows)
+
+
+async def raise_counter(db: AsyncDatabase[Doc], kind: str, value: int) -> None:
+    """Move the id counter to at least `value`, so ids handed out later never collide."""
+    while not (await db.counters.update_one({"_id": kind}, {"$max": {"seq": value}})).matched_count:
+        await ensure_counter(db, kind)
+
+
+async def import_records(request: web.Request, kind_name: str) -> web.Response:
+    check_query(request, "on_conflict")
+    kind = KINDS[kind_name]
+    values = request.query.getall("on_conflict", ["fail"])
+    if len(values) > 1 or values[0] not in ON_CONFLICT:
+        raise bad_query("on_conflict", f"must be given once, as one of {', '.join(ON_CONFLICT)}")
+    on_conflict: OnConflict = values[0]
+    if request.content_type != NDJSON:
+        raise UnsupportedMediaType(
+            f"Content-Type must be {NDJSON}, not {request.content_type or 'empty'!r}."
+        )
+    stream = deadline_stream(request)  # each read within BODY_TIMEOUT_S
+    importer = Importer(request.app[DB].db, kind, on_conflict, stream, principal(request))
+    started = asyncio.get_running_loop().time()
+    try:
+        report = await importer.run()
+    except (ConnectionError, HttpProcessingError) as exc:
+        log.warning(
+            "import of %s stopped at line %d, the request body broke off (%s); "
+            "batches already written stay, a retry with on_conflict=skip completes it",
+            kind.name,
+            importer.reader.number,
+            exc.__class__.__name__,
+        )
+        raise BadRequest("The request body broke off before its end.") from None
+    except Exception:
+        log.warning(
+            "import of %s failed at line %d; batches already written stay, "
+            "a retry with on_conflict=skip completes it",
+            kind.name,
+            importer.reader.number,
+        )
+        raise
+    log.info(
+        "import of %s: %d received, %d inserted, %d replaced, %d skipped, %d failed in %.1fs",
+        kind.name,
+        report.received,
+        report.inserted,
+        report.replaced,
+        report.skipped,
+        report.failed,
+        asyncio.get_running_loop().time() - started,
+    )
+    return json_response(report.as_dict())
+
+
+# --- exporting -------------------------------------------------------------------------
+
+
+async def export_records(request: web.Request, kind_name: str) -> web.StreamResponse:
+    """The list filters, sorted by id, streamed from one cursor with backpressure."""
+    kind = KINDS[kind_name]
+    database = request.app[DB]
+    for name in request.query:
+        if name in PAGING:
+            raise bad_query(name, "unknown query parameter (an export is neither paged nor sorted)")
+    query = parse_list_query(
+        request.query, kind.filters, kind.sorts, database.cursor_key, owner_filter(request)
+    )
+    source = analytics_db(database.db, request.app[assembly.SETTINGS])  # may be a secondary
+    cursor = source[kind.name].find(query.filter).sort("_id", 1).batch_size(EXPORT_BATCH)
+    try:
+        batch = await cursor.to_list(EXPORT_BATCH)  # a database that is down is still a 503
+        response = web.StreamResponse(headers={"Content-Type": NDJSON})
+        await response.prepare(request)
+        try:
+            while batch:  # the next batch is read while this one is written
+                batch, _ = await alongside(
+                    cursor.to_list(EXPORT_BATCH), write_lines(response, kind, batch)
+                )
+            await response.write_eof()
+        except ConnectionError:
+            log.info("export of %s: the client went away", kind.name)
+        except Exception:
+            # The status is sent: break the stream off so the client sees it incomplete.
+            log.exception("export of %s failed mid-stream", kind.name)
+            if request.transport is not None:
+                request.transport.close()
+        return response
+    finally:
+        await cursor.close()
+
+
+async def write_lines(response: web.StreamResponse, kind: Kind, docs: list[Doc]) -> None:
+    """In slices, so that the read of the next batch gets going early."""
+    dumps, public = orjson.dumps, kind.public
+    for start in range(0, len(docs), EXPORT_SLICE):
+        slice_ = docs[start : start + EXPORT_SLICE]
+        await response.write(b"".join([dumps(public(doc)) + b"\n" for doc in slice_]))
+
+
+async def alongside(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:
+    """Run both at once (`first` starts first); if one fails, the other is cancelled and
+    the error is raised as it is.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            one, two = group.create_task(first), group.create_task(second)
+    except BaseExceptionGroup as exc:
+        raise exc.exceptions[0] from None
+    return one.result(), two.result()
+
+
+routes = [
+    route
+    for name in KINDS
+    for route in (
+        web.post(f"/import/{name}", functools.partial(import_records, kind_name=name)),
+        # HEAD would run the whole export to throw it away: not offered (405).
+        web.get(
+            f"/export/{name}", functools.partial(export_records, kind_name=name), allow_head=False
+        ),
+    )
+]

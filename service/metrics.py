@@ -1,0 +1,173 @@
+"""Prometheus metrics, served at `GET /metrics` in the text format 0.0.4.
+
+- HTTP: requests and their latency by method, route template and status (templates, never
+  raw paths, keep the label set small);
+- database: the latency of every command the driver sends, by command name and outcome
+  (a pymongo `CommandListener` that `database.make_client` registers);
+- jobs by status: counted with one `$group` when /metrics is scraped (bounded by a short
+  timeout; when the database does not answer the gauge is left out and
+  `jobservice_database_up` is 0);
+- import rows: `IMPORT_ROWS`, a counter the bulk import increments:
+  `IMPORT_ROWS.labels(kind="jobs", outcome="inserted").inc(n)`, with `kind` one of
+  `deployments`, `jobs` and `outcome` one of `inserted`, `replaced`, `skipped`, `failed`.
+
+Metrics live in prometheus_client's default registry (one per process, like the process
+metrics it adds), so several apps in one process (the tests) share them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pymongo
+from aiohttp import web
+from prometheus_client import (
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from pymongo import monitoring
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+
+from .logs import CANCELLED, route_template
+from .models import TaskStatus
+
+log = logging.getLogger(__name__)
+
+# No `*_created` series: they double the page and few dashboards use them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+JOBS_COUNT_TIMEOUT_S = 2.0
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+LABELS = ["method", "route", "status"]
+
+HTTP_REQUESTS = Counter(
+    "jobservice_http_requests_total",
+    "HTTP requests answered, by method, route template and status.",
+    LABELS,
+)
+HTTP_DURATION = Histogram(
+    "jobservice_http_request_duration_seconds",
+    "Time from the request reaching the app to its answer, by method, route template, status.",
+    LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+HTTP_IN_FLIGHT = Gauge("jobservice_http_requests_in_flight", "Requests being handled now.")
+DB_DURATION = Histogram(
+    "jobservice_db_command_duration_seconds",
+    "Database commands the driver sent, by command name and outcome (ok, error).",
+    ["command", "outcome"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+JOBS = Gauge("jobservice_jobs", "Jobs by task_status, counted at scrape time.", ["task_status"])
+DATABASE_UP = Gauge(
+    "jobservice_database_up", "1 when this scrape could count the jobs in the database, else 0."
+)
+IMPORT_ROWS = Counter(
+    "jobservice_import_rows_total",
+    "Rows received by bulk imports, by kind (deployments, jobs) and outcome "
+    "(inserted, replaced, skipped, failed).",
+    ["kind", "outcome"],
+)
+for _kind in ("deployments", "jobs"):  # every series exists from the start, at 0
+    for _outcome in ("inserted", "replaced", "skipped", "failed"):
+        IMPORT_ROWS.labels(_kind, _outcome)
+
+
+class CommandMetrics(monitoring.CommandListener):
+    """Times every database command. Called inline by the driver: keep it this cheap."""
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        DB_DURATION.labels(event.command_name, "ok").observe(event.duration_micros / 1e6)
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        DB_DURATION.labels(event.command_name, "error").observe(event.duration_micros / 1e6)
+
+
+COMMAND_METRICS = CommandMetrics()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request; runs inside the request-id middleware."""
+    start = time.perf_counter()
+    status = 500
+    HTTP_IN_FLIGHT.inc()
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = CANCELLED
+        raise
+    finally:
+        HTTP_IN_FLIGHT.dec()
+        method = request.method if request.method in METHODS else "OTHER"
+        count, duration = _http_series(method, route_template(request), status)
+        count.inc()
+        duration.observe(time.perf_counter() - start)
+
+
+_SERIES: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
+def _http_series(method: str, route: str, status: int) -> tuple[Counter, Histogram]:
+    """The two children for one label set, looked up once (labels() costs microseconds)."""
+    key = (method, route, status)
+    series = _SERIES.get(key)
+    if series is None:
+        labels = (method, route, str(status))
+        series = _SERIES[key] = (HTTP_REQUESTS.labels(*labels), HTTP_DURATION.labels(*labels))
+    return series
+
+
+async def count_jobs(db: AsyncDatabase[dict[str, Any]]) -> bool:
+    """Set the jobs-by-status gauge from one `$group`; False when the database did not answer."""
+    pipeline = [{"$group": {"_id": "$task_status", "n": {"$sum": 1}}}]
+    try:
+        with pymongo.timeout(JOBS_COUNT_TIMEOUT_S):
+            rows = await (await db.jobs.aggregate(pipeline)).to_list(None)
+    except PyMongoError as exc:
+        log.warning("could not count jobs for /metrics: %s", exc.__class__.__name__)
+        JOBS.clear()
+        DATABASE_UP.set(0)
+        return False
+    counts = dict.fromkeys((str(s) for s in TaskStatus), 0)
+    for row in rows:
+        if row["_id"] in counts:
+            counts[row["_id"]] = int(row["n"])
+    for status, n in counts.items():
+        JOBS.labels(status).set(n)
+    DATABASE_UP.set(1)
+    return True
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    # Imported here: database imports this module (for COMMAND_METRICS) at its top.
+    from .auth import require_admin
+    from .database import DB
+
+    require_admin(request)  # the figures cover every user's records
+    await count_jobs(request.app[DB].db)
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE})
