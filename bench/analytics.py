@@ -20,9 +20,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import pymongo
 from pymongo.asynchronous.collection import AsyncCollection
 
-from service.stats import StatsQuery, job_stats_pipeline
+from service.stats import STATS_TIMEOUT_S, StatsQuery, job_stats_pipeline
 
 from .common import BenchEnv, Row
 
@@ -85,7 +86,8 @@ async def time_service(session: aiohttp.ClientSession, url: str) -> tuple[float,
 
 async def time_driver(jobs: AsyncCollection[Doc]) -> tuple[float, int]:
     t0 = time.perf_counter()
-    rows = await (await jobs.aggregate(job_stats_pipeline(QUERY))).to_list(None)
+    with pymongo.timeout(STATS_TIMEOUT_S):  # as the service does (it also sends maxTimeMS)
+        rows = await (await jobs.aggregate(job_stats_pipeline(QUERY))).to_list(None)
     return (time.perf_counter() - t0) * 1000, len(rows[0]["groups"])
 
 

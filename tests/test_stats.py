@@ -9,6 +9,8 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service import stats
+from service.app import create_app
+from service.settings import Settings
 from service.stats import StatsQuery, deployment_stats_pipeline, job_stats_pipeline
 
 from .conftest import Client
@@ -17,6 +19,7 @@ from .stats_data import (
     DEPLOYMENTS,
     deployment_doc,
     expected_stats,
+    generate,
     job_doc,
     load,
     rounded,
@@ -406,3 +409,29 @@ async def test_responses_match_the_spec(client: Client, jobs: list[Doc]) -> None
     )
     resp = await client.get("/stats/jobs", params={"interval": "year"})
     conforms(await resp.json(), "Problem")
+
+
+# --- database settings ---------------------------------------------------------------------
+
+
+async def test_statistics_have_their_own_time_limit(
+    client: Client, jobs: list[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not MONGODB_OPERATION_TIMEOUT_MS: STATS_TIMEOUT_S bounds them, and is a 503 when spent."""
+    monkeypatch.setattr(stats, "STATS_TIMEOUT_S", 1e-6)
+    for path in ("/stats/jobs", "/stats/deployments"):
+        resp = await client.get(path)
+        assert resp.status == 503, await resp.text()
+        assert (await resp.json())["type"] == "/problems/database-unavailable"
+
+
+async def test_statistics_read_with_the_analytics_read_preference(
+    aiohttp_client: Any, settings: Settings, db: AsyncDatabase[Doc]
+) -> None:
+    """secondaryPreferred falls back to the primary of a single node: same answers."""
+    await load(db)
+    update = {"mongodb_analytics_read_preference": "secondaryPreferred"}
+    analytics: Client = await aiohttp_client(create_app(settings.model_copy(update=update)))
+    body = await get_stats(analytics, group_by="deployment_id")
+    assert body["totals"]["count"] == len(generate())
+    assert (await get_stats(analytics, "/stats/deployments"))["items"][0]["count"] > 0
