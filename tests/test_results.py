@@ -250,7 +250,8 @@ async def test_concurrent_uploads_to_one_job_all_land(client: Client) -> None:
 
 async def test_concurrent_replacements_of_one_name_leave_one_file(client: Client) -> None:
     job_id = await new_job(client)
-    bodies = [pseudo_random(CHUNK_SIZE + i, seed=i) for i in range(6)]
+    # Every body spans two chunks, whichever wins (exactly CHUNK_SIZE bytes would be one).
+    bodies = [pseudo_random(CHUNK_SIZE + 1 + i, seed=i) for i in range(6)]
     responses = await asyncio.gather(*(put(client, job_id, "same", b) for b in bodies))
     assert sorted(r.status for r in responses) == [200] * 5 + [201]
     got = await (await client.get(url(job_id, "same"))).read()
