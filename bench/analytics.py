@@ -23,9 +23,12 @@ import aiohttp
 import pymongo
 from pymongo.asynchronous.collection import AsyncCollection
 
-from service.stats import STATS_TIMEOUT_S, StatsQuery, job_stats_pipeline
+from service.settings import Settings
+from service.stats import StatsQuery, job_stats_pipeline
 
-from .common import BenchEnv, Row
+from .common import BUSY_SERVER_MS, BenchEnv, Row
+
+ANALYTICS_TIMEOUT_S = Settings.model_fields["mongodb_analytics_timeout_ms"].default / 1000
 
 Doc = dict[str, Any]
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
@@ -86,7 +89,7 @@ async def time_service(session: aiohttp.ClientSession, url: str) -> tuple[float,
 
 async def time_driver(jobs: AsyncCollection[Doc]) -> tuple[float, int]:
     t0 = time.perf_counter()
-    with pymongo.timeout(STATS_TIMEOUT_S):  # as the service does (it also sends maxTimeMS)
+    with pymongo.timeout(ANALYTICS_TIMEOUT_S):  # as the service does (it also sends maxTimeMS)
         rows = await (await jobs.aggregate(job_stats_pipeline(QUERY))).to_list(None)
     return (time.perf_counter() - t0) * 1000, len(rows[0]["groups"])
 
@@ -101,13 +104,11 @@ async def run(env: BenchEnv) -> list[Row]:
     repeats = int(os.environ.get("BENCH_ANALYTICS_REPEATS", 5 if total <= 100_000 else 1))
     rnd = random.Random(4)
     db_name = env.db_name("analytics")
-    # Both clients wait as long for a busy server: a heartbeat unanswered within the
-    # connect timeout interrupts the operations in flight, and a long aggregation keeps
-    # secantusd-py from answering the service's default 5 s one.
-    timeout_ms = 120_000
     async with (
-        env.service(db_name, MONGODB_TIMEOUT_MS=str(timeout_ms)) as service,
-        env.client(connectTimeoutMS=timeout_ms, serverSelectionTimeoutMS=timeout_ms) as client,
+        env.service(db_name, MONGODB_TIMEOUT_MS=str(BUSY_SERVER_MS)) as service,
+        env.client(
+            connectTimeoutMS=BUSY_SERVER_MS, serverSelectionTimeoutMS=BUSY_SERVER_MS
+        ) as client,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session,
     ):
         jobs = client[db_name].jobs

@@ -7,7 +7,9 @@
 - export: `GET /export/jobs` read to the end, vs a driver cursor dumped to NDJSON (three
   rounds in alternating order, the best of each: exports are cheap to repeat, imports not).
 
-N is 1,000,000 (20,000 with --quick); BENCH_BULK_JOBS=N overrides it.
+N is 1,000,000 (20,000 with --quick); BENCH_BULK_JOBS=N overrides it. Both sides wait
+BUSY_SERVER_MS for heartbeats: secantusd-py sorts the whole collection before an export's
+first batch and answers nothing else meanwhile.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from service.imports import BATCH_RECORDS
 from service.models import Job
 from service.schemas import public_job
 
-from .common import BenchEnv, Row, ServiceProcess
+from .common import BUSY_SERVER_MS, BenchEnv, Row, ServiceProcess
 
 FULL, QUICK = 1_000_000, 20_000
 EXPORT_ROUNDS = 3
@@ -81,7 +83,7 @@ async def file_chunks(path: Path) -> AsyncIterator[bytes]:
 async def driver_import(env: BenchEnv, n: int) -> float:
     """docs/s of insert_many batches into a collection with the service's indexes."""
     name = env.db_name("bulk_driver")
-    async with env.client() as client:
+    async with env.client(connectTimeoutMS=BUSY_SERVER_MS) as client:
         collection = client[name]["jobs"]
         await collection.create_indexes(Job.Settings.indexes)
         started = time.perf_counter()
@@ -130,7 +132,7 @@ async def service_export(service: ServiceProcess, n: int) -> float:
 
 async def driver_export(env: BenchEnv, db_name: str, n: int) -> float:
     """docs/s of a cursor in _id order dumped as NDJSON (to /dev/null)."""
-    async with env.client() as client:
+    async with env.client(connectTimeoutMS=BUSY_SERVER_MS) as client:
         started = time.perf_counter()
         lines = 0
         with open(os.devnull, "wb") as out:  # noqa: ASYNC230
@@ -156,7 +158,7 @@ async def run(env: BenchEnv) -> list[Row]:
         driver_in = await driver_import(env, n)
         log(f"driver insert_many: {driver_in:,.0f} docs/s")
         db_name = env.db_name("bulk")
-        async with env.service(db_name) as service:
+        async with env.service(db_name, MONGODB_TIMEOUT_MS=str(BUSY_SERVER_MS)) as service:
             service_in = await service_import(service, source, n)
             peak_mb = service.peak_rss_mb()
             log(f"service import: {service_in:,.0f} docs/s, peak RSS {peak_mb:,.0f} MB")

@@ -110,6 +110,13 @@ class ServiceProcess:
         return float("nan")
 
 
+# How long both sides of a bench wait for a busy server. A heartbeat unanswered within
+# the connect timeout interrupts the operations in flight, and secantusd-py answers none
+# while it runs one long aggregation or sorts a whole collection for a cursor: the
+# service's default 5 s (MONGODB_TIMEOUT_MS) would turn such a bench into 503s.
+BUSY_SERVER_MS = 120_000
+
+
 @dataclass
 class BenchEnv:
     mongodb_url: str

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,13 @@ READ_PREFERENCES: dict[ReadPreferenceName, _ServerMode] = {
     "secondaryPreferred": SecondaryPreferred(),
     "nearest": Nearest(),
 }
+
+
+def analytics_time_limit(settings: Settings) -> AbstractContextManager[Any]:
+    """MONGODB_ANALYTICS_TIMEOUT_MS for the reads inside: `pymongo.timeout` replaces the
+    socketTimeoutMS of MONGODB_OPERATION_TIMEOUT_MS, which would cut off a statistics
+    aggregation or an export's first batch while the database still reads the collection."""
+    return pymongo.timeout(settings.mongodb_analytics_timeout_ms / 1000)
 
 
 def analytics_db(db: AsyncDatabase[Doc], settings: Settings) -> AsyncDatabase[Doc]:

@@ -52,7 +52,7 @@ from pymongo.errors import BulkWriteError, OperationFailure
 
 from . import app as assembly  # for SETTINGS; app.py imports this module (no cycle at run time)
 from .auth import ANONYMOUS_ADMIN, Principal, deadline_stream, owner_filter, principal
-from .database import DB, Doc, analytics_db, ensure_counter, next_ids
+from .database import DB, Doc, analytics_db, analytics_time_limit, ensure_counter, next_ids
 from .errors import BadRequest, Problem, UnsupportedMediaType, ValidationFailed, bad_query
 from .http import check_query, json_response
 from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
@@ -819,17 +819,21 @@ async def export_records(request: web.Request, kind_name: str) -> web.StreamResp
     query = parse_list_query(
         request.query, kind.filters, kind.sorts, database.cursor_key, owner_filter(request)
     )
-    source = analytics_db(database.db, request.app[assembly.SETTINGS])  # may be a secondary
+    settings = request.app[assembly.SETTINGS]
+    source = analytics_db(database.db, settings)  # may be a secondary
     cursor = source[kind.name].find(query.filter).sort("_id", 1).batch_size(EXPORT_BATCH)
     try:
-        batch = await cursor.to_list(EXPORT_BATCH)  # a database that is down is still a 503
+        # Each read has MONGODB_ANALYTICS_TIMEOUT_MS: the first may sort the whole collection.
+        with analytics_time_limit(settings):
+            batch = await cursor.to_list(EXPORT_BATCH)  # a database that is down is a 503
         response = web.StreamResponse(headers={"Content-Type": NDJSON})
         await response.prepare(request)
         try:
             while batch:  # the next batch is read while this one is written
-                batch, _ = await alongside(
-                    cursor.to_list(EXPORT_BATCH), write_lines(response, kind, batch)
-                )
+                with analytics_time_limit(settings):
+                    batch, _ = await alongside(
+                        cursor.to_list(EXPORT_BATCH), write_lines(response, kind, batch)
+                    )
             await response.write_eof()
         except ConnectionError:
             log.info("export of %s: the client went away", kind.name)

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
         description="Longest wait for one reply from the database before the request gets "
         "503 (socketTimeoutMS; 0: no limit). Bounds requests when the database hangs.",
     )
+    mongodb_analytics_timeout_ms: int = Field(
+        600_000,
+        ge=1,
+        description="Time limit of one statistics aggregation and of each batch an export "
+        "reads, instead of MONGODB_OPERATION_TIMEOUT_MS (also sent as maxTimeMS): they may "
+        "read a whole collection before their first answer.",
+    )
     mongodb_analytics_read_preference: ReadPreferenceName = Field(
         "primary",
         description="Read preference for analytics reads (statistics, exports); "

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import pymongo
 from aiohttp import web
 from multidict import MultiMapping
 from pymongo.asynchronous.database import AsyncDatabase
@@ -27,7 +26,7 @@ from pymongo.errors import OperationFailure
 
 from . import app as assembly  # for SETTINGS; app.py imports this module (no cycle at run time)
 from .auth import owner_filter
-from .database import DB, Doc, analytics_db
+from .database import DB, Doc, analytics_db, analytics_time_limit
 from .errors import BadRequest, bad_query
 from .http import json_response, page_response
 from .models import TaskStatus
@@ -51,9 +50,6 @@ STATUSES = [s.value for s in TaskStatus]
 TERMINAL = [TaskStatus.FINISHED.value, TaskStatus.ERROR.value]
 PERCENTILES = {"p50": 50, "p95": 95}
 MAX_GROUPS = 10_000
-# One statistics aggregation may take this long (also sent as maxTimeMS), not just the
-# MONGODB_OPERATION_TIMEOUT_MS of one reply: minutes for a million jobs on SecantusDB.
-STATS_TIMEOUT_S = 600.0
 UNKNOWN_TIME_ZONE = 40485  # the server's code for a time zone it does not know
 EMPTY_SUMMARY = {"samples": 0, "min": None, "avg": None, **dict.fromkeys(PERCENTILES), "max": None}
 
@@ -265,8 +261,7 @@ def deployment_stats_pipeline(deployment_ids: Sequence[int], owner: Doc | None =
 async def job_stats(db: AsyncDatabase[Doc], query: StatsQuery) -> Doc:
     """Run the pipeline and render `{"groups", "totals", ...}`; too many groups is a 400."""
     try:
-        with pymongo.timeout(STATS_TIMEOUT_S):
-            rows = await (await db.jobs.aggregate(job_stats_pipeline(query))).to_list(None)
+        rows = await (await db.jobs.aggregate(job_stats_pipeline(query))).to_list(None)
     except OperationFailure as exc:
         if exc.code == UNKNOWN_TIME_ZONE:  # Python's zone list and the server's disagree
             raise bad_query("tz", "is a time zone the database does not know") from None
@@ -328,9 +323,8 @@ async def deployment_stats(
     stats = {}
     if page.items:
         ids = [d["_id"] for d in page.items]
-        with pymongo.timeout(STATS_TIMEOUT_S):
-            rows = await db.jobs.aggregate(deployment_stats_pipeline(ids, owner))
-            stats = {row["_id"]: row async for row in rows}
+        rows = await db.jobs.aggregate(deployment_stats_pipeline(ids, owner))
+        stats = {row["_id"]: row async for row in rows}
     page.items = [{**d, "stats": stats.get(d["_id"])} for d in page.items]
     return page
 
@@ -363,7 +357,8 @@ def public_deployment_stats(doc: Doc) -> Doc:
 @routes.get("/stats/jobs")
 async def jobs_stats(request: web.Request) -> web.Response:
     query = parse_stats_query(request.query, owner_filter(request))
-    return json_response(await job_stats(_analytics(request), query))
+    with analytics_time_limit(request.app[assembly.SETTINGS]):
+        return json_response(await job_stats(_analytics(request), query))
 
 
 @routes.get("/stats/deployments")
@@ -373,7 +368,8 @@ async def deployments_stats(request: web.Request) -> web.Response:
     query = parse_list_query(
         request.query, DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, database.cursor_key, owner
     )
-    page = await deployment_stats(_analytics(request), query, database.cursor_key, owner)
+    with analytics_time_limit(request.app[assembly.SETTINGS]):
+        page = await deployment_stats(_analytics(request), query, database.cursor_key, owner)
     return page_response(request, page, public_deployment_stats)
 
 

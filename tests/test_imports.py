@@ -665,6 +665,20 @@ async def test_export_streams_many_batches_in_id_order(client: Client) -> None:
     assert records(await resp.read()) == sorted(given, key=lambda j: j["job_id"])
 
 
+async def test_exports_read_within_the_analytics_time_limit(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    """MONGODB_ANALYTICS_TIMEOUT_MS bounds an export's reads, and only theirs (the import
+    works): spent, it is a 503 before anything is sent. (model_copy skips validation: a
+    limit no database can meet.)"""
+    limited = settings.model_copy(update={"mongodb_analytics_timeout_ms": 1e-3})
+    client: Client = await aiohttp_client(create_app(limited))
+    await import_(client, "deployments", ndjson([{"deployment_id": 1, "user_id": "a"}]))
+    resp = await client.get("/export/deployments")
+    assert resp.status == 503, await resp.text()
+    assert (await resp.json())["type"] == "/problems/database-unavailable"
+
+
 async def test_an_export_that_fails_midway_is_visibly_incomplete(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
