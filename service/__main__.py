@@ -1,4 +1,5 @@
-"""Command line: `python -m service serve [--host H] [--port P]`; `import`, `export`."""
+"""Command line: `python -m service serve [--host H] [--port P]`; `import`, `export`, `keys`,
+`sweep-results`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .auth import add_keys_command, keys_command
 from .database import EmbeddedDatabaseError
 from .logs import configure_logging
 from .settings import Settings
+from .sweep import add_sweep_command, sweep_command
 
 log = logging.getLogger("service")
 
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port to listen on (env PORT)")
     cli.add_commands(commands)
     add_keys_command(commands)
+    add_sweep_command(commands)
     args = parser.parse_args(argv)
     if args.command in cli.COMMANDS:
         return cli.run(args)
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "keys":
         return keys_command(args, settings)
+    if args.command == "sweep-results":
+        return sweep_command(args, settings)
     configure_logging(settings.log_level)
     log.info(
         "starting on http://%s:%d (database %r, %s)",

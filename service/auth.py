@@ -37,7 +37,7 @@ import string
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -580,8 +580,13 @@ def add_keys_command(commands: Any) -> None:
 
 
 def keys_command(args: argparse.Namespace, settings: Settings) -> int:
+    return run_database_command(_keys(args, settings))
+
+
+def run_database_command(work: Coroutine[Any, Any, int]) -> int:
+    """Run a command that talks to the database itself: unreachable is exit 1, one line."""
     try:
-        return asyncio.run(_keys(args, settings))
+        return asyncio.run(work)
     except (EmbeddedDatabaseError, PyMongoError) as exc:
         print(f"cannot reach the database: {exc}", file=sys.stderr)
         return 1
