@@ -8,7 +8,6 @@ elsewhere on the machine falls on all of them alike.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import tempfile
 import time
@@ -19,7 +18,7 @@ import aiohttp
 from service.auth import Authenticator, create_key, new_key
 from service.settings import Settings
 
-from .common import BenchEnv, Row
+from .common import BenchEnv, Row, closed_loop
 
 MODES = {"disabled": None, "admin key": True, "user key": False}  # mode -> admin key?
 
@@ -38,19 +37,13 @@ async def _seed(env: BenchEnv, db_name: str, admin: bool) -> str:
 
 async def _round(session: aiohttp.ClientSession, url: str, total: int, workers: int) -> float:
     """Seconds for `total` GETs of one record by `workers` concurrent clients."""
-    left = total
 
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            async with session.get(f"{url}/deployments/1") as resp:
-                assert resp.status == 200, await resp.text()
-                await resp.read()
+    async def get(_: int) -> None:
+        async with session.get(f"{url}/deployments/1") as resp:
+            assert resp.status == 200, await resp.text()
+            await resp.read()
 
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    return time.perf_counter() - start
+    return (await closed_loop(workers, get, total=total)).seconds
 
 
 async def _verify_us(calls: int) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from service.imports import BATCH_RECORDS
+from service.imports import BATCH_RECORDS, EXPORT_BATCH
 from service.models import Job
 from service.schemas import public_job
 
@@ -136,7 +136,7 @@ async def driver_export(env: BenchEnv, db_name: str, n: int) -> float:
         started = time.perf_counter()
         lines = 0
         with open(os.devnull, "wb") as out:  # noqa: ASYNC230
-            cursor = client[db_name]["jobs"].find({}).sort("_id", 1).batch_size(1000)
+            cursor = client[db_name]["jobs"].find({}).sort("_id", 1).batch_size(EXPORT_BATCH)
             async for doc in cursor:
                 out.write(orjson.dumps(doc) + b"\n")
                 lines += 1

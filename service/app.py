@@ -88,7 +88,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[request_middleware, metrics.metrics_middleware, problem_middleware],
+        middlewares=[request_middleware, problem_middleware],
         client_max_size=MAX_JSON_BODY,
         handler_args=auth.HEADER_LIMITS,
     )

@@ -37,7 +37,7 @@ import string
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,18 +47,10 @@ import aiohttp
 import jwt
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
-from pymongo import AsyncMongoClient, ReturnDocument
+from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
 
-from .database import (
-    DB,
-    LOCAL_URL_OPTIONS,
-    PORT_FILE,
-    Doc,
-    EmbeddedDatabaseError,
-    embedded_server,
-)
+from .database import DB, Doc, cli_database, run_database_command
 from .errors import Forbidden, RequestTimeout, TooManyRequests, Unauthorized, invalid
 from .settings import Settings
 
@@ -122,12 +114,10 @@ def owner_filter(request: web.Request) -> Doc:
     return request[PRINCIPAL].owner_filter()
 
 
-def claim_owner(
-    request: web.Request, user_id: str | None, loc: list[str | int] | None = None
-) -> str:
+def claim_owner(request: web.Request, user_id: str | None) -> str:
     """The owner of a new record: `user_id` if the caller may create for them (else 403);
     omitted, the caller (422 when auth is disabled and there is no caller)."""
-    return request[PRINCIPAL].claim(user_id, loc or ["body", "user_id"])
+    return request[PRINCIPAL].claim(user_id, ["body", "user_id"])
 
 
 def same_owner(request: web.Request, user_id: str) -> Doc:
@@ -142,13 +132,11 @@ def require_admin(request: web.Request) -> None:
 
 # --- hardening -----------------------------------------------------------------------------
 
-BODY_TIMEOUT = web.AppKey("body_timeout_s", float)
-
 
 @contextlib.asynccontextmanager
 async def body_deadline(request: web.Request) -> AsyncIterator[None]:
     """A body not received within BODY_TIMEOUT_S is a 408 (and the connection closes)."""
-    deadline = asyncio.timeout(request.app.get(BODY_TIMEOUT, 30.0))
+    deadline = asyncio.timeout(request.app[AUTH].settings.body_timeout_s)
     try:
         async with deadline:
             yield
@@ -396,10 +384,13 @@ class Authenticator:
     settings: Settings
     keys: KeyCache = field(default_factory=KeyCache)
     limiter: FailureLimiter = field(init=False)
+    admin_digest: bytes | None = field(init=False)  # of SERVICE_ADMIN_KEY, hashed once
     jwks: Jwks | None = None
 
     def __post_init__(self) -> None:
         self.limiter = FailureLimiter(self.settings.auth_failures_per_minute)
+        admin_key = self.settings.service_admin_key
+        self.admin_digest = _digest(admin_key.get_secret_value()) if admin_key else None
 
     async def authenticate(self, request: web.Request) -> Principal:
         if self.settings.auth == "disabled":
@@ -420,9 +411,10 @@ class Authenticator:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         scheme, _, credential = header.strip().partition(" ")
+        credential = credential.strip()
         found = None
-        if scheme.lower() == "bearer" and 0 < len(credential.strip()) <= MAX_CREDENTIAL:
-            found = await self.verify(request.app[DB].db, credential.strip())
+        if scheme.lower() == "bearer" and 0 < len(credential) <= MAX_CREDENTIAL:
+            found = await self.verify(request.app[DB].db, credential)
         if found is None:
             self.limiter.record(client, now)
             log.info("failed authentication from %s", client)
@@ -434,9 +426,8 @@ class Authenticator:
 
     async def verify(self, db: AsyncDatabase[Doc], credential: str) -> Principal | None:
         """The principal `credential` stands for, or None; every comparison in constant time."""
-        admin_key = self.settings.service_admin_key
-        if admin_key is not None and hmac.compare_digest(
-            _digest(credential), _digest(admin_key.get_secret_value())
+        if self.admin_digest is not None and hmac.compare_digest(
+            _digest(credential), self.admin_digest
         ):
             return Principal(ENV_ADMIN_USER, True)
         if self.jwks is not None and looks_like_jwt(credential):
@@ -557,7 +548,6 @@ def write_private(path: Path, text: str) -> None:
 def setup(app: web.Application, settings: Settings) -> None:
     """Install authentication on `app`: after the problem middleware, after the database."""
     app[AUTH] = Authenticator(settings)
-    app[BODY_TIMEOUT] = settings.body_timeout_s
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(auth_ctx)
     install_log_redaction()
@@ -581,15 +571,6 @@ def add_keys_command(commands: Any) -> None:
 
 def keys_command(args: argparse.Namespace, settings: Settings) -> int:
     return run_database_command(_keys(args, settings))
-
-
-def run_database_command(work: Coroutine[Any, Any, int]) -> int:
-    """Run a command that talks to the database itself: unreachable is exit 1, one line."""
-    try:
-        return asyncio.run(work)
-    except (EmbeddedDatabaseError, PyMongoError) as exc:
-        print(f"cannot reach the database: {exc}", file=sys.stderr)
-        return 1
 
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -625,37 +606,3 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
     return 0
-
-
-@contextlib.asynccontextmanager
-async def cli_database(settings: Settings) -> AsyncIterator[AsyncDatabase[Doc]]:
-    """MONGODB_URL; else the running service's embedded server; else one just for this."""
-    async with contextlib.AsyncExitStack() as stack:
-        url = settings.mongodb_url or await running_embedded(settings.data_dir)
-        if url is None:
-            embedded = await stack.enter_async_context(
-                embedded_server(settings.data_dir, settings.embedded_start_timeout_s)
-            )
-            url = embedded.url
-        client: AsyncMongoClient[Doc] = AsyncMongoClient(
-            url, tz_aware=True, serverSelectionTimeoutMS=settings.mongodb_timeout_ms
-        )
-        stack.push_async_callback(client.close)
-        yield client[settings.mongodb_db]
-
-
-async def running_embedded(data_dir: Path) -> str | None:
-    """The URL of the embedded server a running service started on `data_dir`, if it answers."""
-    try:
-        port = int((data_dir / PORT_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}&journal=true"
-    probe: AsyncMongoClient[Doc] = AsyncMongoClient(url, serverSelectionTimeoutMS=1000)
-    try:
-        await probe.admin.command("ping")
-    except Exception:
-        return None
-    finally:
-        await probe.close()
-    return url

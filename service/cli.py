@@ -22,22 +22,14 @@ from typing import IO, Any, cast
 import aiohttp
 import orjson
 
+from .pagination import DEPLOYMENT_FILTERS, JOB_FILTERS
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 NDJSON = "application/x-ndjson"
 CHUNK = 256 * 1024
 COMMANDS = ("import", "export")
 KINDS = ("deployments", "jobs")
-EXPORT_FILTERS = (
-    "user_id",
-    "deployment_id",
-    "task_status",
-    "created_after",
-    "created_before",
-    "started_after",
-    "started_before",
-    "finished_after",
-    "finished_before",
-)
+EXPORT_FILTERS = tuple({**DEPLOYMENT_FILTERS, **JOB_FILTERS})  # the service's own names
 SHOWN_ERRORS = 20
 # The answer to an import comes when the last line is written: no read timeout.
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
@@ -75,14 +67,11 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(
             import_file(args.url, args.kind, args.file, args.on_conflict, args.errors_file)
         )
-    filters = [
-        (name, value)
-        for name in EXPORT_FILTERS
-        for value in (
-            getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]
-        )
-        if value is not None
-    ]
+    filters = []
+    for name in EXPORT_FILTERS:
+        given = getattr(args, name)  # a list for task_status (repeatable)
+        values = given if isinstance(given, list) else [given]
+        filters += [(name, v) for v in values if v is not None]
     return asyncio.run(export_file(args.url, args.kind, filters, args.output))
 
 

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +145,11 @@ def _die_with_parent() -> Callable[[], None] | None:
 DIE_WITH_PARENT = _die_with_parent()
 
 
+def local_url(port: int, journal: bool = False) -> str:
+    """A secantusd-py on this machine's loopback (`journal`: writes acknowledged once logged)."""
+    return f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}" + ("&journal=true" if journal else "")
+
+
 @contextlib.asynccontextmanager
 async def embedded_server(
     data_dir: Path, timeout_s: float, journal: bool = True
@@ -175,10 +180,8 @@ async def embedded_server(
     )
     # journal=true: a write is acknowledged only once it is in the database's log, so an
     # acknowledged write survives the child dying (without it, the last ~second is lost).
-    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}"
+    url = local_url(port, journal)
     port_file = data_dir / PORT_FILE
-    if journal:
-        url += "&journal=true"
     embedded = EmbeddedDatabase(url, proc, data_dir)
     watcher: asyncio.Task[None] | None = None
     try:
@@ -311,6 +314,25 @@ class Database:
 DB = web.AppKey("db", Database)
 
 
+def start_secantusd(port: int, storage_path: str, timeout_s: float = 60) -> subprocess.Popen[bytes]:
+    """Start a `secantusd-py` on `port` and wait until it answers (blocking; killed if not)."""
+    proc = subprocess.Popen(
+        [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
+        + ["--storage-path", storage_path, "--log-level", "ERROR"],
+    )
+    deadline = time.monotonic() + timeout_s
+    with MongoClient[Doc](local_url(port), serverSelectionTimeoutMS=500) as probe:
+        while True:
+            try:
+                probe.admin.command("ping")
+                return proc
+            except PyMongoError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise EmbeddedDatabaseError("secantusd-py did not start") from None
+                time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def secantusd_process(storage_path: str, timeout_s: float = 60) -> Iterator[str]:
     """A `secantusd-py` for tests and benchmarks (blocking); yields its URL, stops it after.
@@ -318,27 +340,58 @@ def secantusd_process(storage_path: str, timeout_s: float = 60) -> Iterator[str]
     `storage_path=":memory:"` keeps nothing. The service itself uses `embedded_server`.
     """
     port = free_port()
-    proc = subprocess.Popen(
-        [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
-        + ["--storage-path", storage_path, "--log-level", "ERROR"],
-    )
-    url = f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}"
+    proc = start_secantusd(port, storage_path, timeout_s)
     try:
-        probe: MongoClient[Doc] = MongoClient(url, serverSelectionTimeoutMS=500)
-        deadline = time.monotonic() + timeout_s
-        with probe:
-            while True:
-                try:
-                    probe.admin.command("ping")
-                    break
-                except PyMongoError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise EmbeddedDatabaseError("secantusd-py did not start") from None
-                    time.sleep(0.1)
-        yield url
+        yield local_url(port)
     finally:
         proc.terminate()
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# --- commands that talk to the database themselves (keys, sweep-results) -------------------
+
+
+def run_database_command(work: Coroutine[Any, Any, int]) -> int:
+    """Run a command that talks to the database itself: unreachable is exit 1, one line."""
+    try:
+        return asyncio.run(work)
+    except (EmbeddedDatabaseError, PyMongoError) as exc:
+        print(f"cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+
+
+@contextlib.asynccontextmanager
+async def cli_database(settings: Settings) -> AsyncIterator[AsyncDatabase[Doc]]:
+    """MONGODB_URL; else the running service's embedded server; else one just for this."""
+    async with contextlib.AsyncExitStack() as stack:
+        url = settings.mongodb_url or await running_embedded(settings.data_dir)
+        if url is None:
+            embedded = await stack.enter_async_context(
+                embedded_server(settings.data_dir, settings.embedded_start_timeout_s)
+            )
+            url = embedded.url
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(
+            url, tz_aware=True, serverSelectionTimeoutMS=settings.mongodb_timeout_ms
+        )
+        stack.push_async_callback(client.close)
+        yield client[settings.mongodb_db]
+
+
+async def running_embedded(data_dir: Path) -> str | None:
+    """The URL of the embedded server a running service started on `data_dir`, if it answers."""
+    try:
+        port = int((data_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    url = local_url(port, journal=True)
+    probe: AsyncMongoClient[Doc] = AsyncMongoClient(url, serverSelectionTimeoutMS=1000)
+    try:
+        await probe.admin.command("ping")
+    except Exception:
+        return None
+    finally:
+        await probe.close()
+    return url

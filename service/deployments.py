@@ -9,7 +9,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from .auth import claim_owner, owner_filter
 from .database import DB, Doc, next_ids
-from .errors import Conflict, NotFound
+from .errors import Conflict
 from .http import (
     check_query,
     if_match,
@@ -115,10 +115,9 @@ async def list_all(request: web.Request) -> web.Response:
 async def get_one(request: web.Request) -> web.Response:
     deployment_id = path_id(request, "deployment_id", "deployment")
     check_query(request)
-    flt = {**owner_filter(request), "_id": deployment_id}
-    doc = await request.app[DB].db.deployments.find_one(flt)
-    if doc is None:
-        raise NotFound(f"No deployment with id {deployment_id}.")
+    doc = await get_checked(
+        request.app[DB].db.deployments, deployment_id, None, "deployment", owner_filter(request)
+    )
     return record_response(public_deployment(doc))
 
 

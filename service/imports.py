@@ -18,6 +18,7 @@ from a driver cursor, so memory stays constant and an export re-imports exactly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -58,15 +59,7 @@ from .http import check_query, json_response
 from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
 from .metrics import IMPORT_ROWS
 from .models import TERMINAL, TRANSITIONS, TaskStatus
-from .pagination import (
-    DEPLOYMENT_FILTERS,
-    DEPLOYMENT_SORTS,
-    JOB_FILTERS,
-    JOB_SORTS,
-    PAGING,
-    FilterKind,
-    parse_list_query,
-)
+from .pagination import DEPLOYMENT_FILTERS, JOB_FILTERS, PAGING, FilterKind, parse_filters
 from .results import MAX_CONTENT_TYPE, MAX_METADATA, MEDIA_TYPE, check_name
 from .schemas import (
     Name,
@@ -74,8 +67,10 @@ from .schemas import (
     Parameters,
     PositiveId,
     Timestamp,
+    error_summary,
     public_deployment,
     public_job,
+    validation_errors,
 )
 from .store import now
 
@@ -330,12 +325,10 @@ def parse_record(model: type[Record], line: bytes) -> Record:
     try:
         record = model.model_validate(obj)
     except ValidationError as exc:
-        raise RecordError(summary(exc)) from None
+        raise RecordError(error_summary(validation_errors(exc, prefix=()))) from None
     for loc, value in record.data_values():
         if errors := stored_data_errors(value, loc):
-            raise RecordError(
-                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
-            )
+            raise RecordError(error_summary(errors))
     return record
 
 
@@ -352,16 +345,6 @@ def stored_data_errors(value: Any, loc: list[str | int]) -> list[dict[str, Any]]
     return errors
 
 
-def summary(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors(include_url=False, include_input=False)[:5]:
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        msg = msg.removeprefix("Value error, ")
-        where = ".".join(map(str, e["loc"]))
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts)
-
-
 # --- kinds -----------------------------------------------------------------------------
 
 
@@ -372,7 +355,6 @@ class Kind:
     model: type[Record]
     public: Callable[[Doc], Doc]
     filters: dict[str, tuple[str, FilterKind]]
-    sorts: dict[str, str]
     has_parent: bool  # jobs must name an existing deployment
 
 
@@ -383,10 +365,9 @@ KINDS = {
         DeploymentRecord,
         public_deployment,
         DEPLOYMENT_FILTERS,
-        DEPLOYMENT_SORTS,
         has_parent=False,
     ),
-    "jobs": Kind("jobs", "job_id", JobRecord, public_job, JOB_FILTERS, JOB_SORTS, has_parent=True),
+    "jobs": Kind("jobs", "job_id", JobRecord, public_job, JOB_FILTERS, has_parent=True),
 }
 
 
@@ -527,16 +508,6 @@ class Report:
         self.failed += len(batch.errors)
         for line, detail in sorted(batch.errors)[: MAX_ERRORS - len(self.errors)]:
             self.errors.append({"line": line, "detail": detail})
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "received": self.received,
-            "inserted": self.inserted,
-            "replaced": self.replaced,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "errors": self.errors,
-        }
 
 
 class Importer:
@@ -738,7 +709,8 @@ class Importer:
         for i in orphans:
             detail = f"deployment_id: deployment {batch.docs[i]['deployment_id']} was deleted"
             batch.fail(batch.lines[i], f"{detail} during the import")
-        return [i for i in written if i not in set(orphans)]
+        gone = set(orphans)
+        return [i for i in written if i not in gone]
 
 
 def count_rows(kind: str, batch: Batch) -> None:
@@ -803,7 +775,7 @@ async def import_records(request: web.Request, kind_name: str) -> web.Response:
         report.failed,
         asyncio.get_running_loop().time() - started,
     )
-    return json_response(report.as_dict())
+    return json_response(dataclasses.asdict(report))
 
 
 # --- exporting -------------------------------------------------------------------------
@@ -812,16 +784,13 @@ async def import_records(request: web.Request, kind_name: str) -> web.Response:
 async def export_records(request: web.Request, kind_name: str) -> web.StreamResponse:
     """The list filters, sorted by id, streamed from one cursor with backpressure."""
     kind = KINDS[kind_name]
-    database = request.app[DB]
     for name in request.query:
         if name in PAGING:
             raise bad_query(name, "unknown query parameter (an export is neither paged nor sorted)")
-    query = parse_list_query(
-        request.query, kind.filters, kind.sorts, database.cursor_key, owner_filter(request)
-    )
+    flt = parse_filters(request.query, kind.filters, fixed=owner_filter(request))
     settings = request.app[assembly.SETTINGS]
-    source = analytics_db(database.db, settings)  # may be a secondary
-    cursor = source[kind.name].find(query.filter).sort("_id", 1).batch_size(EXPORT_BATCH)
+    source = analytics_db(request.app[DB].db, settings)  # may be a secondary
+    cursor = source[kind.name].find(flt).sort("_id", 1).batch_size(EXPORT_BATCH)
     try:
         # Each read has MONGODB_ANALYTICS_TIMEOUT_MS: the first may sort the whole collection.
         with analytics_time_limit(settings):

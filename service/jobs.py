@@ -131,19 +131,14 @@ async def delete_job(db: AsyncDatabase[Doc], job_id: int, revision: int | None, 
     if (await db.jobs.delete_one(flt)).deleted_count == 0:
         await get_checked(db.jobs, job_id, revision, "job", owner)  # says 404 or 412
         return await delete_job(db, job_id, revision, owner)  # it existed after all: it changed
-    await delete_job_files(db, [job_id])
+    await results.delete_job_files(db, [job_id])  # result files go with their job
 
 
 async def delete_jobs(db: AsyncDatabase[Doc], flt: Doc) -> None:
     """Delete every job matching `flt`, with its files."""
     while ids := [d["_id"] async for d in db.jobs.find(flt, {"_id": 1}).limit(1000)]:
         await db.jobs.delete_many({"_id": {"$in": ids}})
-        await delete_job_files(db, ids)
-
-
-async def delete_job_files(db: AsyncDatabase[Doc], job_ids: list[int]) -> None:
-    """Result files belong to their job; they go with it."""
-    await results.delete_job_files(db, job_ids)
+        await results.delete_job_files(db, ids)
 
 
 # --- handlers -------------------------------------------------------------------------
@@ -184,9 +179,7 @@ async def list_for_deployment(request: web.Request) -> web.Response:
 async def get_one(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     check_query(request)
-    doc = await request.app[DB].db.jobs.find_one({**owner_filter(request), "_id": job_id})
-    if doc is None:
-        raise NotFound(f"No job with id {job_id}.")
+    doc = await get_checked(request.app[DB].db.jobs, job_id, None, "job", owner_filter(request))
     return record_response(public_job(doc))
 
 

@@ -6,8 +6,9 @@ every response, errors and 404s included) and is on every line logged while the 
 handled, through a context variable, so one grep finds everything about one request.
 
 The access log replaces aiohttp's: one line per request with the method, the route template
-(`/jobs/{job_id}`, never the raw path), the status and the duration. Never log bodies,
-headers or settings that may hold secrets.
+(`/jobs/{job_id}`, never the raw path), the status and the duration; the same middleware
+feeds those figures to the HTTP metrics. Never log bodies, headers or settings that may
+hold secrets.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .metrics import HTTP_IN_FLIGHT, observe_request
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID = 200
@@ -102,13 +105,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost middleware: set the request id, then write the access line at the end."""
+    """Outermost middleware: set the request id; at the end, the access line and metrics."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = given if valid_request_id(given) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     start = time.perf_counter()
     status = 500
+    HTTP_IN_FLIGHT.inc()
     try:
         response = await handler(request)
         status = response.status
@@ -120,8 +124,11 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = CANCELLED
         raise
     finally:
-        duration_ms = round((time.perf_counter() - start) * 1000, 3)
+        HTTP_IN_FLIGHT.dec()
+        seconds = time.perf_counter() - start
         route = route_template(request)
+        observe_request(request.method, route, status, seconds)
+        duration_ms = round(seconds * 1000, 3)
         access_log.info(
             "%s %s %d %.1fms",
             request.method,

@@ -17,10 +17,7 @@ metrics it adds), so several apps in one process (the tests) share them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pymongo
@@ -38,7 +35,6 @@ from pymongo import monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from .logs import CANCELLED, route_template
 from .models import TaskStatus
 
 log = logging.getLogger(__name__)
@@ -98,31 +94,13 @@ class CommandMetrics(monitoring.CommandListener):
 
 COMMAND_METRICS = CommandMetrics()
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request; runs inside the request-id middleware."""
-    start = time.perf_counter()
-    status = 500
-    HTTP_IN_FLIGHT.inc()
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = CANCELLED
-        raise
-    finally:
-        HTTP_IN_FLIGHT.dec()
-        method = request.method if request.method in METHODS else "OTHER"
-        count, duration = _http_series(method, route_template(request), status)
-        count.inc()
-        duration.observe(time.perf_counter() - start)
+def observe_request(method: str, route: str, status: int, seconds: float) -> None:
+    """Count and time one request; the request middleware (service.logs) measures it once
+    for both its access line and these series."""
+    count, duration = _http_series(method if method in METHODS else "OTHER", route, status)
+    count.inc()
+    duration.observe(seconds)
 
 
 _SERIES: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}

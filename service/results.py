@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pydantic_core
+import pymongo
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from bson import Int64, ObjectId
@@ -39,7 +40,7 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from .auth import owner_filter, read_deadline
-from .database import DB, Doc
+from .database import DB, INIT_TIMEOUT_S, Doc
 from .errors import (
     BadRequest,
     Conflict,
@@ -55,7 +56,7 @@ from .errors import (
 )
 from .http import check_query, json_response, path_id
 from .merge_patch import data_errors
-from .schemas import MAX_NAME, public_result
+from .schemas import MAX_NAME, error_summary, public_result
 from .settings import Settings
 from .store import now
 
@@ -138,9 +139,7 @@ def parse_metadata(header: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise invalid(loc, "must be a JSON object")
     if errs := data_errors(value, loc):
-        raise ValidationFailed(
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs), errors=errs
-        )
+        raise ValidationFailed(error_summary(errs), errors=errs)
     return value
 
 
@@ -380,8 +379,6 @@ async def _cleanup(work: Coroutine[Any, Any, None]) -> None:
     task = asyncio.ensure_future(work)
     try:
         await asyncio.shield(task)
-    except asyncio.CancelledError:
-        raise
     except Exception:
         log.exception("could not delete a result file")
 
@@ -514,14 +511,17 @@ async def download(request: web.Request) -> web.StreamResponse:
         headers = file_headers(entry)
         if etag_matches(request.headers.get("If-None-Match"), headers["ETag"], weak=True):
             return web.Response(status=304, headers=headers)
-        return await _send(request, entry, grid_out)
+        return await _send(request, entry, grid_out, headers)
     finally:
         await grid_out.close()
 
 
-async def _send(request: web.Request, entry: Doc, grid_out: AsyncGridOut) -> web.StreamResponse:
+async def _send(
+    request: web.Request, entry: Doc, grid_out: AsyncGridOut, headers: dict[str, str]
+) -> web.StreamResponse:
+    """`headers`: the entry's `file_headers`."""
     size: int = entry["size"]
-    headers = {**file_headers(entry), "Content-Type": entry["content_type"]}
+    headers = {**headers, "Content-Type": entry["content_type"]}
     wanted = parse_range(request.headers.get("Range"), size)
     if_range = request.headers.get("If-Range")
     if (
@@ -565,7 +565,8 @@ async def delete(request: web.Request) -> web.Response:
 
 
 async def indexes_ctx(app: web.Application) -> Any:
-    await ensure_indexes(app[DB].db)
+    with pymongo.timeout(INIT_TIMEOUT_S):  # like the other index builds at start
+        await ensure_indexes(app[DB].db)
     yield
 
 

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import MalformedJSON, ValidationFailed, error
+from .errors import Loc, MalformedJSON, ValidationFailed, error
 from .merge_patch import MAX_DATA_DEPTH, data_errors
 from .models import TaskStatus
 
@@ -158,24 +158,28 @@ def validate_body(model: type[M], raw: bytes) -> M:
     try:
         parsed = model.model_validate(obj)
     except ValidationError as exc:
-        raise ValidationFailed(_summary(errs := _errors(exc)), errors=errs) from None
+        raise ValidationFailed(error_summary(errs := validation_errors(exc)), errors=errs) from None
     if "data" in parsed.model_fields_set and (errs := data_errors(obj["data"], ["body", "data"])):
-        raise ValidationFailed(_summary(errs), errors=errs)
+        raise ValidationFailed(error_summary(errs), errors=errs)
     return parsed
 
 
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+def validation_errors(exc: ValidationError, prefix: Loc = ("body",)) -> list[dict[str, Any]]:
+    """pydantic's errors as problem+json `errors`, their locations under `prefix`."""
     out = []
     for e in exc.errors(include_url=False, include_input=False):
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        out.append(error(["body", *e["loc"]], msg))
+        out.append(error([*prefix, *e["loc"]], msg))
     return out
 
 
-def _summary(errors: list[dict[str, Any]]) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+def error_summary(errors: list[dict[str, Any]]) -> str:
+    """The first five as one `detail` line: `loc: message` (the message alone without loc)."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in errors[:5]
+    )
 
 
 # --- public shape -------------------------------------------------------------------

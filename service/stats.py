@@ -29,6 +29,7 @@ from .auth import owner_filter
 from .database import DB, Doc, analytics_db, analytics_time_limit
 from .errors import BadRequest, bad_query
 from .http import json_response, page_response
+from .models import TERMINAL as TERMINAL_STATUSES
 from .models import TaskStatus
 from .pagination import (
     DEPLOYMENT_FILTERS,
@@ -47,7 +48,7 @@ Expr = Any  # an aggregation expression: a dict, a "$path" string or a constant
 GROUP_FIELDS = ("deployment_id", "user_id", "task_status")
 INTERVALS = ("hour", "day", "week", "month")
 STATUSES = [s.value for s in TaskStatus]
-TERMINAL = [TaskStatus.FINISHED.value, TaskStatus.ERROR.value]
+TERMINAL = sorted(str(s) for s in TERMINAL_STATUSES)
 PERCENTILES = {"p50": 50, "p95": 95}
 MAX_GROUPS = 10_000
 UNKNOWN_TIME_ZONE = 40485  # the server's code for a time zone it does not know
@@ -208,21 +209,22 @@ def job_stats_pipeline(query: StatsQuery) -> list[Doc]:
     """One aggregation: the filtered jobs, their durations, then groups and totals together.
 
     `$facet` lets one pass over the jobs feed both; its output is one small document
-    (at most MAX_GROUPS + 1 groups).
+    (at most MAX_GROUPS + 1 groups). Ungrouped, the one group is the totals: no `groups`.
     """
     key: dict[str, Any] = {f: f"${f}" for f in query.group_by}
     fields: dict[str, Any] = {f: 1 for f in query.group_by}
     if query.interval is not None:
         key["bucket"] = _bucket(query.interval, query.tz)
         fields["started_at"] = 1
-    groups = _group_stages(key or None)
+    facet = {"totals": _group_stages(None)}
     if key:
-        groups.insert(1, {"$sort": {f"_id.{k}": 1 for k in key}})
-        groups.insert(2, {"$limit": MAX_GROUPS + 1})
+        groups = _group_stages(key)
+        groups[1:1] = [{"$sort": {f"_id.{k}": 1 for k in key}}, {"$limit": MAX_GROUPS + 1}]
+        facet["groups"] = groups
     return [
         {"$match": query.filter},
         {"$project": {"_id": 0, **fields, "task_status": 1, "d": DURATIONS}},
-        {"$facet": {"groups": groups, "totals": _group_stages(None)}},
+        {"$facet": facet},
     ]
 
 
@@ -266,8 +268,9 @@ async def job_stats(db: AsyncDatabase[Doc], query: StatsQuery) -> Doc:
         if exc.code == UNKNOWN_TIME_ZONE:  # Python's zone list and the server's disagree
             raise bad_query("tz", "is a time zone the database does not know") from None
         raise
-    facets = rows[0] if rows else {"groups": [], "totals": []}
-    if len(facets["groups"]) > MAX_GROUPS:
+    facets = rows[0]  # $facet always answers one document
+    groups: list[Doc] = facets["groups"] if "groups" in facets else facets["totals"]
+    if len(groups) > MAX_GROUPS:
         raise BadRequest(
             f"The statistics would have more than {MAX_GROUPS} groups; narrow the filters, "
             "group by fewer fields or choose a longer interval."
@@ -277,7 +280,7 @@ async def job_stats(db: AsyncDatabase[Doc], query: StatsQuery) -> Doc:
         "group_by": list(query.group_by),
         "interval": query.interval,
         "tz": query.tz,
-        "groups": [_render_group(g) for g in facets["groups"]],
+        "groups": [_render_group(g) for g in groups],
         "totals": _render_metrics(totals),
     }
 

@@ -64,14 +64,14 @@ async def apply_update(
     revision: int | None,
     explain: Callable[[Doc], Problem | None],
     what: str,
-    owner: Doc | None = None,
+    owner: Doc,
 ) -> Doc:
     """Run `update` on one record (bumping its revision) and return the new record.
 
     `explain(stored)` names the precondition a stored record fails, or None if none.
     `owner` (auth.owner_filter) hides other users' records: they are 404 like missing ones.
     """
-    flt: dict[str, Any] = {**update.filter, **(owner or {}), "_id": record_id}
+    flt: dict[str, Any] = {**update.filter, **owner, "_id": record_id}
     if revision is not None:
         flt["revision"] = revision
     if update.checks:
@@ -101,9 +101,9 @@ async def get_checked(
     record_id: int,
     revision: int | None,
     what: str,
-    owner: Doc | None = None,
+    owner: Doc,
 ) -> Doc:
-    doc = await collection.find_one({**(owner or {}), "_id": record_id})
+    doc = await collection.find_one({**owner, "_id": record_id})
     if doc is None:
         raise NotFound(f"No {what} with id {record_id}.")
     if revision is not None and doc.get("revision") != revision:

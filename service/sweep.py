@@ -21,8 +21,7 @@ from typing import Any
 from bson import ObjectId
 from pymongo.asynchronous.database import AsyncDatabase
 
-from .auth import cli_database, run_database_command
-from .database import Doc
+from .database import Doc, cli_database, run_database_command
 from .results import CHUNKS, FILES, delete_files
 from .settings import Settings
 from .store import now
@@ -37,30 +36,20 @@ async def orphan_files(db: AsyncDatabase[Doc], before: datetime) -> AsyncIterato
     groups = await db[CHUNKS].aggregate(
         [{"$match": {"files_id": begun}}, {"$group": {"_id": "$files_id"}}]
     )
-    async for docs in _batches(groups):
+    while docs := await groups.to_list(BATCH):
         ids = [d["_id"] for d in docs]
         known = {d["_id"] async for d in db[FILES].find({"_id": {"$in": ids}}, {"_id": 1})}
         if missing := [i for i in ids if i not in known]:
             yield missing
     # Files whose job has no entry pointing at them (found by _id: no index on file_id).
-    async for files in _batches(db[FILES].find({"_id": begun}, {"metadata.job_id": 1})):
+    old_files = db[FILES].find({"_id": begun}, {"metadata.job_id": 1})
+    while files := await old_files.to_list(BATCH):
         job_ids = list({f.get("metadata", {}).get("job_id") for f in files})
         pointed: set[Any] = set()
         async for job in db.jobs.find({"_id": {"$in": job_ids}}, {"results.file_id": 1}):
             pointed.update(entry.get("file_id") for entry in job.get("results") or [])
         if unpointed := [f["_id"] for f in files if f["_id"] not in pointed]:
             yield unpointed
-
-
-async def _batches(cursor: Any) -> AsyncIterator[list[Doc]]:
-    batch: list[Doc] = []
-    async for doc in cursor:
-        batch.append(doc)
-        if len(batch) == BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 async def sweep(db: AsyncDatabase[Doc], before: datetime, dry_run: bool) -> list[Any]:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from pymongo import AsyncMongoClient, MongoClient
+from pymongo import MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
@@ -113,8 +114,7 @@ async def create_job(client: Client, deployment_id: int, **fields: Any) -> dict[
 
 
 @pytest.fixture
-async def db(client: Client, settings: Settings) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
-    """The test's database, with the service's indexes (the app has started)."""
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongodb_url, tz_aware=True)
-    yield mongo[settings.mongodb_db]
-    await mongo.close()
+def db(client: Client) -> AsyncDatabase[dict[str, Any]]:
+    """The test's database, through the app's own client (the app has started: indexes)."""
+    app: web.Application = client.app
+    return app[DB].db

@@ -26,7 +26,7 @@ from service.analyst_pipelines import (
 )
 
 from .conftest import Client
-from .stats_data import entered, job_doc, load, rounded
+from .stats_data import entered, job_doc, load, rfc3339, rounded
 
 Doc = dict[str, Any]
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -61,10 +61,6 @@ def test_pipelines_are_json() -> None:
         assert analyst.pipeline(), analyst.name
 
 
-def _day(value: datetime) -> str:
-    return f"{value.astimezone(UTC):%Y-%m-%dT%H:%M:%S}.000Z"
-
-
 async def test_failure_rate_per_deployment_per_day(
     client: Client, db: AsyncDatabase[Doc], jobs: list[Doc]
 ) -> None:
@@ -82,7 +78,7 @@ async def test_failure_rate_per_deployment_per_day(
         if g["error_rate"] is not None
     ]
     assert len(expected) > 10
-    got = [{**r, "day": _day(r["day"])} for r in rows]
+    got = [{**r, "day": rfc3339(r["day"])} for r in rows]
     assert rounded(got) == rounded(expected)
 
 

@@ -24,10 +24,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from pymongo import MongoClient
 
 from service.app import create_app
-from service.database import find_secantusd, free_port
+from service.database import free_port, start_secantusd
 from service.settings import Settings
 
 from .conftest import Client, create_deployment, create_job
@@ -38,27 +37,6 @@ START = 90.0  # how long a process may take to start on a busy machine
 
 
 # --- processes ---------------------------------------------------------------------------
-
-
-def start_secantusd(port: int, storage: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [find_secantusd(), "--host", "127.0.0.1", "--port", str(port)]
-        + ["--storage-path", str(storage), "--log-level", "ERROR"],
-    )
-    probe: MongoClient[dict[str, Any]] = MongoClient(
-        f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=500
-    )
-    deadline = time.monotonic() + START
-    with probe:
-        while True:
-            try:
-                probe.admin.command("ping")
-                return proc
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise RuntimeError("secantusd-py did not start") from None
-                time.sleep(0.1)
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
@@ -182,13 +160,13 @@ class OwnDatabase:
         return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
 
     def start(self) -> None:
-        self.proc = start_secantusd(self.port, self.storage)  # same port, same files
+        self.proc = start_secantusd(self.port, str(self.storage), START)  # same port, files
 
 
 @pytest.fixture
 def own_database(tmp_path: Path) -> Iterator[OwnDatabase]:
     port, storage = free_port(), tmp_path / "db"
-    db = OwnDatabase(port, storage, start_secantusd(port, storage))
+    db = OwnDatabase(port, storage, start_secantusd(port, str(storage), START))
     yield db
     if db.proc.poll() is None:
         db.proc.send_signal(signal.SIGCONT)  # in case a test left it frozen

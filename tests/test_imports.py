@@ -19,7 +19,15 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
 from service.database import DB
-from service.imports import KINDS, MAX_GIVEN_ID, MAX_LINE, IdSet, Importer, LineReader
+from service.imports import (
+    BATCH_RECORDS,
+    KINDS,
+    MAX_GIVEN_ID,
+    MAX_LINE,
+    IdSet,
+    Importer,
+    LineReader,
+)
 from service.schemas import public_job
 from service.settings import Settings
 from tests.conftest import Client, create_deployment, create_job
@@ -512,7 +520,7 @@ async def test_retry_with_skip_after_a_cut_off_import_inserts_exactly_the_rest(
     body = b"".join(lines)
     whole = int(cut_lines)
     cut = sum(map(len, lines[:whole])) + (len(lines[whole]) // 2 if cut_lines != whole else 0)
-    written_before_cut = whole // 1000 * 1000 if whole >= 2000 else (1000 if whole >= 1000 else 0)
+    written_before_cut = whole // BATCH_RECORDS * BATCH_RECORDS
 
     server = client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
@@ -542,7 +550,7 @@ async def test_retry_with_skip_after_a_cut_off_import_inserts_exactly_the_rest(
 
 async def test_jobs_of_a_deployment_deleted_mid_import_are_taken_back_out(client: Client) -> None:
     """The import re-checks deployments after writing, as POST /jobs does."""
-    keep, doomed = (await create_deployment(client))["deployment_id"], 0
+    keep = (await create_deployment(client))["deployment_id"]
     doomed = (await create_deployment(client))["deployment_id"]
     body = ndjson([job_record(1, keep), job_record(2, doomed), job_record(3, doomed)])
     db = database(client)

@@ -360,24 +360,17 @@ async def test_importing_over_another_users_ids_changes_nothing(
 # --- statistics ----------------------------------------------------------------------------
 
 
-async def stats_of(client: Client, path: str) -> dict[str, Any]:
-    resp = await client.get(path)
-    assert resp.status == 200, await resp.text()
-    body: dict[str, Any] = await resp.json()
-    return body
-
-
 async def test_job_statistics_count_only_your_own(users: Users, seeded: Seeded) -> None:
-    mine = await stats_of(users.bob, "/stats/jobs?group_by=user_id,deployment_id")
+    mine = await list_of(users.bob, "/stats/jobs?group_by=user_id,deployment_id")
     assert mine["totals"]["count"] == 1
     assert [g["key"] for g in mine["groups"]] == [
         {"user_id": "bob", "deployment_id": seeded.bob_dep}
     ]
-    nobody = await stats_of(users.bob, "/stats/jobs?deployment_id=999999")
+    nobody = await list_of(users.bob, "/stats/jobs?deployment_id=999999")
     assert nobody["totals"]["count"] == 0
     for query in ("?user_id=alice", f"?deployment_id={seeded.alice_dep}"):
-        assert await stats_of(users.bob, f"/stats/jobs{query}") == nobody
-    everyone = await stats_of(users.admin, "/stats/jobs?group_by=user_id")
+        assert await list_of(users.bob, f"/stats/jobs{query}") == nobody
+    everyone = await list_of(users.admin, "/stats/jobs?group_by=user_id")
     assert everyone["totals"]["count"] == 2
     assert sorted(g["key"]["user_id"] for g in everyone["groups"]) == ["alice", "bob"]
 
@@ -386,11 +379,11 @@ async def test_deployment_statistics_show_only_your_own(users: Users, seeded: Se
     # A job of alice's on bob's deployment (left from a time auth was off) is not counted.
     legacy = {**(await users.db.jobs.find_one({"_id": seeded.alice_job}) or {}), "_id": 10_000}
     await users.db.jobs.insert_one({**legacy, "deployment_id": seeded.bob_dep})
-    page = await stats_of(users.bob, "/stats/deployments?count=true")
+    page = await list_of(users.bob, "/stats/deployments?count=true")
     assert [(d["deployment_id"], d["count"]) for d in page["items"]] == [(seeded.bob_dep, 1)]
     assert page["total"] == 1
-    page = await stats_of(users.bob, "/stats/deployments?user_id=alice&count=true")
+    page = await list_of(users.bob, "/stats/deployments?user_id=alice&count=true")
     assert page["items"] == [] and page["total"] == 0
-    page = await stats_of(users.admin, "/stats/deployments?count=true")
+    page = await list_of(users.admin, "/stats/deployments?count=true")
     assert page["total"] == 2
     assert {d["deployment_id"]: d["count"] for d in page["items"]}[seeded.bob_dep] == 2

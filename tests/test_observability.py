@@ -14,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.logs import JsonFormatter
-from service.metrics import IMPORT_ROWS
 from service.settings import Settings
 
 from .conftest import Client, create_deployment, create_job
@@ -166,15 +165,3 @@ async def test_metrics_count_jobs_by_status(client: Client) -> None:
     assert value(text, "jobservice_jobs", task_status="RUNNING") == 1
     assert value(text, "jobservice_jobs", task_status="FINISHED") == 0
     assert value(text, "jobservice_database_up") == 1
-
-
-async def test_import_rows_counter_is_exposed(client: Client) -> None:
-    labels = {"kind": "jobs", "outcome": "inserted"}
-    before = value(
-        await (await client.get("/metrics")).text(), "jobservice_import_rows_total", **labels
-    )
-    IMPORT_ROWS.labels(**labels).inc(7)
-    after = value(
-        await (await client.get("/metrics")).text(), "jobservice_import_rows_total", **labels
-    )
-    assert after - before == 7
