@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from pymongo import AsyncMongoClient
 
-from service.database import free_port, secantusd_process
+from service.embedded import free_port, secantusd_process
 
 ROOT = Path(__file__).resolve().parent.parent
 

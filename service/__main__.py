@@ -14,7 +14,7 @@ from pymongo.errors import PyMongoError
 from . import cli
 from .app import create_app
 from .auth import add_keys_command, keys_command
-from .database import EmbeddedDatabaseError
+from .embedded import EmbeddedDatabaseError
 from .logs import configure_logging
 from .settings import Settings
 from .sweep import add_sweep_command, sweep_command

@@ -10,15 +10,8 @@ from pathlib import Path
 from aiohttp import web
 
 from . import auth, deployments, imports, jobs, metrics, results, stats
-from .database import (
-    DB,
-    Database,
-    EmbeddedDatabase,
-    cursor_secret,
-    embedded_server,
-    init_database,
-    make_client,
-)
+from .database import DB, Database, cursor_secret, init_database, make_client
+from .embedded import EmbeddedDatabase, embedded_server
 from .errors import RETRY_AFTER_S, DatabaseUnavailable, problem_middleware
 from .http import MAX_JSON_BODY, json_response
 from .logs import add_request_id_header, request_middleware

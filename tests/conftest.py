@@ -21,7 +21,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
 from service.auth import ADMIN_KEY_FILE, create_key
-from service.database import DB, secantusd_process
+from service.database import DB
+from service.embedded import secantusd_process
 from service.settings import Settings
 
 Client = TestClient[Any, Any]

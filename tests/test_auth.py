@@ -38,7 +38,8 @@ from service.auth import (
     split_key,
 )
 from service.cli import export_file, import_file
-from service.database import DB, PORT_FILE
+from service.database import DB
+from service.embedded import PORT_FILE
 from service.settings import Settings
 from tests.conftest import Client, Users
 from tests.test_openapi import conforms

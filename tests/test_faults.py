@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 
 from service.app import create_app
-from service.database import free_port, start_secantusd
+from service.embedded import free_port, start_secantusd
 from service.settings import Settings
 
 from .conftest import Client, create_deployment, create_job

@@ -19,7 +19,7 @@ from openapi_spec_validator import validate
 from pymongo import MongoClient
 from referencing import Registry, Resource
 
-from service.database import free_port
+from service.embedded import free_port
 from tests.conftest import Client, create_deployment, create_job
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"

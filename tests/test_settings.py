@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from pymongo.read_preferences import Primary, SecondaryPreferred
 
-from service.database import analytics_db, free_port, make_client
+from service.database import analytics_db, make_client
+from service.embedded import free_port
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
