@@ -15,11 +15,10 @@ from .embedded import EmbeddedDatabase, embedded_server
 from .errors import RETRY_AFTER_S, DatabaseUnavailable, problem_middleware
 from .http import MAX_JSON_BODY, json_response
 from .logs import add_request_id_header, request_middleware
-from .settings import Settings
+from .settings import SETTINGS, Settings
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
 SPEC_PATHS = [
     Path(__file__).resolve().parent.parent / "openapi.yaml",  # source checkout
     Path("openapi.yaml").resolve(),  # container: WORKDIR holds it
@@ -95,7 +94,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(deployments.routes)
     app.add_routes(jobs.routes)
     app.add_routes(metrics.routes)
-    results.setup(app, settings)
+    app.add_routes(results.routes)
     app.add_routes(imports.routes)
     app.add_routes(stats.routes)
     return app

@@ -52,7 +52,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from .database import DB, Doc, cli_database, run_database_command
 from .errors import Forbidden, RequestTimeout, TooManyRequests, Unauthorized, invalid
-from .settings import Settings
+from .settings import SETTINGS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def require_admin(request: web.Request) -> None:
 @contextlib.asynccontextmanager
 async def body_deadline(request: web.Request) -> AsyncIterator[None]:
     """A body not received within BODY_TIMEOUT_S is a 408 (and the connection closes)."""
-    deadline = asyncio.timeout(request.app[AUTH].settings.body_timeout_s)
+    deadline = asyncio.timeout(request.app[SETTINGS].body_timeout_s)
     try:
         async with deadline:
             yield

@@ -28,7 +28,7 @@ from pymongo.read_preferences import (
 
 from .embedded import EmbeddedDatabase, EmbeddedDatabaseError, embedded_server, running_embedded
 from .metrics import COMMAND_METRICS
-from .models import DOCUMENT_MODELS
+from .models import DOCUMENT_MODELS, GRIDFS_INDEXES
 from .settings import ReadPreferenceName, Settings
 
 Doc = dict[str, Any]
@@ -81,7 +81,7 @@ def analytics_db(db: AsyncDatabase[Doc], settings: Settings) -> AsyncDatabase[Do
 
 
 async def init_database(db: AsyncDatabase[Doc]) -> None:
-    """Register the documents with Beanie, which creates their indexes.
+    """Register the documents with Beanie, which creates their indexes; and GridFS's.
 
     Building an index on a large existing collection can take minutes, longer than
     MONGODB_OPERATION_TIMEOUT_MS allows one reply: `pymongo.timeout` lifts that limit here,
@@ -90,6 +90,8 @@ async def init_database(db: AsyncDatabase[Doc]) -> None:
     await db.command("ping")
     with pymongo.timeout(INIT_TIMEOUT_S):
         await init_beanie(database=db, document_models=DOCUMENT_MODELS)
+        for collection, indexes in GRIDFS_INDEXES.items():
+            await db[collection].create_indexes(indexes)
         for kind in ("deployments", "jobs"):
             await ensure_counter(db, kind)
 

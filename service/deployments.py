@@ -20,6 +20,7 @@ from .http import (
     record_response,
 )
 from .jobs import delete_jobs
+from .models import deployment_document
 from .pagination import DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, parse_list_query
 from .schemas import DeploymentCreate, DeploymentPatch, public_deployment
 from .store import apply_update, fetch_page, field_updates, get_checked, now
@@ -32,8 +33,9 @@ DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
 
 
 async def create_deployment(db: AsyncDatabase[Doc], body: DeploymentCreate) -> Doc:
-    doc = {"_id": await next_ids(db, "deployments"), **body.model_dump(), "created": now()}
-    doc["revision"] = 1
+    doc = deployment_document(
+        _id=await next_ids(db, "deployments"), created=now(), **body.model_dump()
+    )
     await db.deployments.insert_one(doc)
     return doc
 

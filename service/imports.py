@@ -21,7 +21,6 @@ import asyncio
 import dataclasses
 import functools
 import heapq
-import itertools
 import logging
 from array import array
 from bisect import bisect_right
@@ -51,14 +50,13 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from . import app as assembly  # for SETTINGS; app.py imports this module (no cycle at run time)
 from .auth import ANONYMOUS_ADMIN, Principal, deadline_stream, owner_filter, principal
 from .database import DB, Doc, analytics_db, analytics_time_limit, ensure_counter, next_ids
 from .errors import BadRequest, Problem, UnsupportedMediaType, ValidationFailed, bad_query
 from .http import check_query, json_response
+from .lifecycle import TERMINAL, TaskStatus, default_history, history_problem
 from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
 from .metrics import IMPORT_ROWS
-from .models import TERMINAL, TRANSITIONS, TaskStatus
 from .pagination import DEPLOYMENT_FILTERS, JOB_FILTERS, PAGING, FilterKind, parse_filters
 from .results import MAX_CONTENT_TYPE, MAX_METADATA, MEDIA_TYPE, check_name
 from .schemas import (
@@ -72,6 +70,7 @@ from .schemas import (
     public_job,
     validation_errors,
 )
+from .settings import SETTINGS
 from .store import now
 
 log = logging.getLogger(__name__)
@@ -244,21 +243,13 @@ class JobRecord(Record):
         if self.finished_at is not None and self.finished_at < started:
             raise RecordError("finished_at: is before started_at")
         if history is None:
-            self.history = default_history(status, started, self.finished_at)
-            history = self.history
-        if not history or history[0].task_status != TaskStatus.PENDING:
-            raise RecordError("history: must start with PENDING")
-        for n, (before, after) in enumerate(itertools.pairwise(history), 1):
-            if after.task_status not in TRANSITIONS[before.task_status]:
-                raise RecordError(
-                    f"history.{n}: {before.task_status.value} cannot change to "
-                    f"{after.task_status.value}"
-                )
-        if history[-1].task_status != status:
-            raise RecordError(f"history: must end with task_status ({status.value})")
-        for n, entry in enumerate(history):
-            if entry.at < started:
-                raise RecordError(f"history.{n}.at: is before started_at")
+            history = self.history = [
+                HistoryRecord.model_construct(task_status=status, at=at)
+                for status, at in default_history(status, started, self.finished_at)
+            ]
+        entries = [(h.task_status, h.at) for h in history]
+        if problem := history_problem(entries, status, started):
+            raise RecordError(problem)
         self.check_results()
 
     def check_results(self) -> None:
@@ -294,22 +285,6 @@ class JobRecord(Record):
         for n, result in enumerate(self.results):
             values.append((["results", n, "metadata"], result.metadata))
         return values
-
-
-def default_history(
-    status: TaskStatus, started: datetime, finished: datetime | None
-) -> list[HistoryRecord]:
-    path = {
-        TaskStatus.PENDING: [],
-        TaskStatus.RUNNING: [TaskStatus.RUNNING],
-        TaskStatus.FINISHED: [TaskStatus.RUNNING, TaskStatus.FINISHED],
-        TaskStatus.ERROR: [TaskStatus.ERROR],
-    }[status]
-    entries = [HistoryRecord.model_construct(task_status=TaskStatus.PENDING, at=started)]
-    for step in path:
-        at = finished if step in TERMINAL and finished is not None else started
-        entries.append(HistoryRecord.model_construct(task_status=step, at=at))
-    return entries
 
 
 def parse_record(model: type[Record], line: bytes) -> Record:
@@ -788,7 +763,7 @@ async def export_records(request: web.Request, kind_name: str) -> web.StreamResp
         if name in PAGING:
             raise bad_query(name, "unknown query parameter (an export is neither paged nor sorted)")
     flt = parse_filters(request.query, kind.filters, fixed=owner_filter(request))
-    settings = request.app[assembly.SETTINGS]
+    settings = request.app[SETTINGS]
     source = analytics_db(request.app[DB].db, settings)  # may be a secondary
     cursor = source[kind.name].find(flt).sort("_id", 1).batch_size(EXPORT_BATCH)
     try:

@@ -20,14 +20,14 @@ from .http import (
     read_body,
     record_response,
 )
-from .models import PREDECESSORS, TERMINAL, TaskStatus
+from .lifecycle import PREDECESSORS, TERMINAL, TERMINAL_NAMES, TaskStatus, transition_problem
+from .models import job_document
 from .pagination import JOB_FILTERS, JOB_SORTS, parse_list_query
 from .schemas import JobCreate, JobPatch, public_job, rfc3339
 from .store import apply_update, fetch_page, field_updates, get_checked, now
 
 routes = web.RouteTableDef()
 DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
-TERMINAL_NAMES = sorted(str(s) for s in TERMINAL)
 
 
 # --- data layer -----------------------------------------------------------------------
@@ -42,21 +42,11 @@ async def create_job(db: AsyncDatabase[Doc], body: JobCreate, deployment_scope: 
     assert body.user_id is not None  # filled in by auth.claim_owner
     if not await _deployment_exists(db, body.deployment_id, deployment_scope):
         raise _no_deployment(body.deployment_id, deployment_scope)
-    started_at = body.started_at or now()
-    doc = {
-        "_id": await next_ids(db, "jobs"),
-        "job_name": body.job_name,
-        "user_id": body.user_id,
-        "deployment_id": body.deployment_id,
-        "started_at": started_at,
-        "finished_at": None,
-        "parameters": body.parameters,
-        "data": body.data,
-        "task_status": TaskStatus.PENDING.value,
-        "results": [],
-        "history": [{"task_status": TaskStatus.PENDING.value, "at": started_at}],
-        "revision": 1,
-    }
+    doc = job_document(
+        _id=await next_ids(db, "jobs"),
+        started_at=body.started_at or now(),
+        **body.model_dump(exclude={"started_at"}),
+    )
     await db.jobs.insert_one(doc)
     # A concurrent DELETE of the deployment may have passed its own check meanwhile.
     if not await _deployment_exists(db, body.deployment_id, deployment_scope):
@@ -109,8 +99,8 @@ async def patch_job(
 
     def explain(stored: Doc) -> Problem | None:
         current = stored.get("task_status")
-        if status is not None and current not in PREDECESSORS[status]:
-            return Conflict(f"Cannot change task_status from {current} to {status.value}.")
+        if status is not None and (why := transition_problem(current, status)):
+            return Conflict(why)
         if status is None and finished is not None and current not in TERMINAL_NAMES:
             return Conflict(
                 f"finished_at can only be set on a FINISHED or ERROR job, not {current}."

@@ -35,7 +35,7 @@ from pymongo import monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from .models import TaskStatus
+from .lifecycle import TaskStatus
 
 log = logging.getLogger(__name__)
 

@@ -1,53 +1,49 @@
-"""Beanie documents: the storage shape that analysts query directly.
+"""The storage shape that analysts query directly, declared once: documents and indexes.
 
 Integer `_id`s, BSON dates (UTC), `data` as native BSON, one index per filter and sort
-the list endpoints offer. The public JSON shape lives in schemas.py; keep them apart so
-either can evolve without moving the other.
+the list endpoints offer. Every stored deployment and job is built here
+(`deployment_document`, `job_document`); the Beanie documents add the collection and its
+indexes on top of the same fields. The public JSON shape lives in schemas.py; keep them
+apart so either can evolve without moving the other.
+
+The `*Fields` models are plain pydantic models because a Beanie document cannot even be
+validated before `init_beanie` has run; the bulk paths and benchmarks build documents
+without a database.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from beanie import Document, PydanticObjectId
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, IndexModel
 
+from .lifecycle import TaskStatus
 
-class TaskStatus(StrEnum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    FINISHED = "FINISHED"
-    ERROR = "ERROR"
+Doc = dict[str, Any]
 
 
-TERMINAL = frozenset({TaskStatus.FINISHED, TaskStatus.ERROR})
-
-# Allowed transitions, and for each target the statuses it may come from.
-TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.PENDING: frozenset({TaskStatus.RUNNING, TaskStatus.ERROR}),
-    TaskStatus.RUNNING: frozenset({TaskStatus.FINISHED, TaskStatus.ERROR}),
-    TaskStatus.FINISHED: frozenset(),
-    TaskStatus.ERROR: frozenset(),
-}
-PREDECESSORS: dict[TaskStatus, list[str]] = {
-    target: [str(s) for s, targets in TRANSITIONS.items() if target in targets]
-    for target in TaskStatus
-}
+def _index(*keys: str, **options: Any) -> IndexModel:
+    return IndexModel([(k, ASCENDING) for k in keys], name="_".join(keys), **options)
 
 
-def _index(*keys: str) -> IndexModel:
-    return IndexModel([(k, ASCENDING) for k in keys], name="_".join(keys))
+class Stored(BaseModel):
+    """Stored as plain BSON: enums as their strings, aliases (`_id`) as the field names."""
+
+    model_config = ConfigDict(populate_by_name=True, use_enum_values=True, validate_default=True)
+
+    def document(self) -> Doc:
+        return self.model_dump(by_alias=True, exclude={"revision_id"})
 
 
-class HistoryEntry(BaseModel):
+class HistoryEntry(Stored):
     task_status: TaskStatus
     at: datetime
 
 
-class ResultFile(BaseModel):
+class ResultFile(Stored):
     name: str
     content_type: str
     size: int
@@ -57,8 +53,8 @@ class ResultFile(BaseModel):
     file_id: PydanticObjectId  # its GridFS file (fs.files _id); not in the public JSON
 
 
-class Deployment(Document):
-    id: int = Field(alias="_id")  # type: ignore[assignment]
+class DeploymentFields(Stored):
+    id: int = Field(alias="_id")
     deployment_name: str | None = None
     user_id: str
     created: datetime
@@ -66,14 +62,9 @@ class Deployment(Document):
     data: Any = Field(default_factory=dict)
     revision: int = 1
 
-    class Settings:
-        name = "deployments"
-        use_revision = False
-        indexes = [_index("user_id", "_id"), _index("created", "_id")]
 
-
-class Job(Document):
-    id: int = Field(alias="_id")  # type: ignore[assignment]
+class JobFields(Stored):
+    id: int = Field(alias="_id")
     job_name: str | None = None
     user_id: str
     deployment_id: int
@@ -86,6 +77,27 @@ class Job(Document):
     history: list[HistoryEntry] = Field(default_factory=list)
     revision: int = 1
 
+
+def deployment_document(**fields: Any) -> Doc:
+    """A deployment as stored, from its fields (`_id` included)."""
+    return DeploymentFields.model_validate(fields).document()
+
+
+def job_document(**fields: Any) -> Doc:
+    """A job as stored; a new job's history starts with PENDING at `started_at`."""
+    if "history" not in fields:
+        fields["history"] = [{"task_status": TaskStatus.PENDING, "at": fields["started_at"]}]
+    return JobFields.model_validate(fields).document()
+
+
+class Deployment(DeploymentFields, Document):
+    class Settings:
+        name = "deployments"
+        use_revision = False
+        indexes = [_index("user_id", "_id"), _index("created", "_id")]
+
+
+class Job(JobFields, Document):
     class Settings:
         name = "jobs"
         use_revision = False
@@ -113,4 +125,35 @@ class Counter(Document):
         use_revision = False
 
 
-DOCUMENT_MODELS: list[type[Document]] = [Deployment, Job, Counter]
+class ApiKeyFields(Stored):
+    """An API key: only a salted hash of its secret is stored (see keys.py)."""
+
+    id: str = Field(alias="_id")  # the key id, 16 hex digits
+    salt: str
+    hash: str
+    user_id: str
+    admin: bool
+    name: str | None = None
+    created: datetime
+    revoked_at: datetime | None = None
+
+
+class ApiKey(ApiKeyFields, Document):
+    class Settings:
+        name = "api_keys"
+        use_revision = False
+
+
+# Result files live in a GridFS bucket (files and chunks collections, per the GridFS spec);
+# results.py writes and reads them as raw documents.
+BUCKET = "fs"
+FILES, CHUNKS = f"{BUCKET}.files", f"{BUCKET}.chunks"
+GRIDFS_INDEXES: dict[str, list[IndexModel]] = {
+    FILES: [
+        IndexModel([("filename", ASCENDING), ("uploadDate", ASCENDING)]),  # the spec's
+        IndexModel([("metadata.job_id", ASCENDING)]),  # a deleted job's files
+    ],
+    CHUNKS: [IndexModel([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)],  # the spec's
+}
+
+DOCUMENT_MODELS: list[type[Document]] = [Deployment, Job, Counter, ApiKey]

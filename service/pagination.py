@@ -19,7 +19,7 @@ import orjson
 from multidict import MultiMapping
 
 from .errors import bad_query
-from .models import TaskStatus
+from .lifecycle import TaskStatus
 from .schemas import parse_rfc3339
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 1000

@@ -25,22 +25,19 @@ import logging
 import re
 import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import pydantic_core
-import pymongo
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from bson import Int64, ObjectId
 from gridfs import DEFAULT_CHUNK_SIZE, AsyncGridFSBucket, NoFile
 from gridfs.asynchronous.grid_file import AsyncGridOut
-from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from .auth import owner_filter, read_deadline
-from .database import DB, INIT_TIMEOUT_S, Doc
+from .database import DB, Doc
 from .errors import (
     BadRequest,
     Conflict,
@@ -56,15 +53,14 @@ from .errors import (
 )
 from .http import check_query, json_response, path_id
 from .merge_patch import data_errors
+from .models import BUCKET, CHUNKS, FILES
 from .schemas import MAX_NAME, error_summary, public_result
-from .settings import Settings
+from .settings import SETTINGS, Settings
 from .store import now
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
-BUCKET = "fs"
-FILES, CHUNKS = f"{BUCKET}.files", f"{BUCKET}.chunks"
 CHUNK_SIZE = DEFAULT_CHUNK_SIZE  # 255 KiB, the GridFS default
 BATCH_CHUNKS = 16  # chunks per insert (~4 MiB); two batches in memory per upload
 MAX_SWAPS = 50  # compare-and-swap attempts; each failure means another writer got through
@@ -79,15 +75,6 @@ MEDIA_TYPE = re.compile(
 NAME_PATH = "/jobs/{job_id}/results/{name:[^/]+}"  # any name aiohttp can hand over
 
 Read = Callable[[int], Awaitable[bytes]]  # up to n bytes; fewer only at the end
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int
-    max_results: int
-
-
-LIMITS = web.AppKey("result_limits", Limits)
 
 
 # --- validation -----------------------------------------------------------------------
@@ -146,13 +133,6 @@ def parse_metadata(header: str | None) -> dict[str, Any]:
 # --- data layer -----------------------------------------------------------------------
 
 
-async def ensure_indexes(db: AsyncDatabase[Doc]) -> None:
-    """The GridFS spec's two indexes, and one to find a job's files when it is deleted."""
-    await db[FILES].create_index([("filename", ASCENDING), ("uploadDate", ASCENDING)])
-    await db[CHUNKS].create_index([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)
-    await db[FILES].create_index([("metadata.job_id", ASCENDING)])
-
-
 async def list_results(db: AsyncDatabase[Doc], job_id: int, owner: Doc) -> list[Doc]:
     doc = await db.jobs.find_one({**owner, "_id": job_id}, {"results": 1})
     if doc is None:
@@ -199,12 +179,12 @@ async def store_result(
     content_type: str,
     metadata: dict[str, Any],
     read: Read,
-    limits: Limits,
+    settings: Settings,
     owner: Doc,
 ) -> tuple[Doc, bool]:
     """Write the file, then point the job's entry at it; return (entry, replaced an old one)."""
-    await _current(db, job_id, name, limits.max_results, owner)  # 404/409 before reading
-    file_id, size, sha256 = await write_file(db, job_id, name, read, limits.max_bytes)
+    await _current(db, job_id, name, settings.max_results_per_job, owner)  # 404/409 before reading
+    file_id, size, sha256 = await write_file(db, job_id, name, read, settings.max_result_bytes)
     entry = {
         "name": name,
         "content_type": content_type,
@@ -215,7 +195,7 @@ async def store_result(
         "file_id": file_id,
     }
     try:
-        replaced, old = await _swap_in(db, job_id, entry, limits.max_results, owner)
+        replaced, old = await _swap_in(db, job_id, entry, settings.max_results_per_job, owner)
     except BaseException:
         await _cleanup(delete_files(db, [file_id]))
         raise
@@ -482,9 +462,9 @@ async def upload(request: web.Request) -> web.Response:
     check_query(request)
     content_type = parse_content_type(request.headers.get("Content-Type"))
     metadata = parse_metadata(request.headers.get(METADATA_HEADER))
-    limits = request.app[LIMITS]
-    if request.content_length is not None and request.content_length > limits.max_bytes:
-        raise PayloadTooLarge(f"A result file may be at most {limits.max_bytes} bytes.")
+    settings = request.app[SETTINGS]
+    if request.content_length is not None and request.content_length > settings.max_result_bytes:
+        raise PayloadTooLarge(f"A result file may be at most {settings.max_result_bytes} bytes.")
     entry, replaced = await store_result(
         request.app[DB].db,
         job_id,
@@ -492,7 +472,7 @@ async def upload(request: web.Request) -> web.Response:
         content_type,
         metadata,
         read_deadline(request, body_reader(request.content)),
-        limits,
+        settings,
         owner_filter(request),
     )
     headers = {"ETag": f'"{entry["sha256"]}"'}
@@ -562,16 +542,3 @@ async def delete(request: web.Request) -> web.Response:
     check_query(request)
     await delete_result(request.app[DB].db, job_id, name, owner_filter(request))
     return web.Response(status=204)
-
-
-async def indexes_ctx(app: web.Application) -> Any:
-    with pymongo.timeout(INIT_TIMEOUT_S):  # like the other index builds at start
-        await ensure_indexes(app[DB].db)
-    yield
-
-
-def setup(app: web.Application, settings: Settings) -> None:
-    """Routes, limits and indexes; call after the database's cleanup_ctx is registered."""
-    app[LIMITS] = Limits(settings.max_result_bytes, settings.max_results_per_job)
-    app.add_routes(routes)
-    app.cleanup_ctx.append(indexes_ctx)

@@ -24,8 +24,8 @@ from pydantic import (
 )
 
 from .errors import Loc, MalformedJSON, ValidationFailed, error
+from .lifecycle import TaskStatus
 from .merge_patch import MAX_DATA_DEPTH, data_errors
-from .models import TaskStatus
 
 MAX_NAME = 200
 MAX_PARAMETERS = 64 * 1024

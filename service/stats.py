@@ -24,13 +24,12 @@ from multidict import MultiMapping
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
-from . import app as assembly  # for SETTINGS; app.py imports this module (no cycle at run time)
 from .auth import owner_filter
 from .database import DB, Doc, analytics_db, analytics_time_limit
 from .errors import BadRequest, bad_query
 from .http import json_response, page_response
-from .models import TERMINAL as TERMINAL_STATUSES
-from .models import TaskStatus
+from .lifecycle import STATUS_NAMES as STATUSES
+from .lifecycle import TERMINAL_NAMES as TERMINAL
 from .pagination import (
     DEPLOYMENT_FILTERS,
     DEPLOYMENT_SORTS,
@@ -40,6 +39,7 @@ from .pagination import (
     parse_list_query,
 )
 from .schemas import rfc3339
+from .settings import SETTINGS
 from .store import Page, fetch_page
 
 routes = web.RouteTableDef()
@@ -47,8 +47,6 @@ routes = web.RouteTableDef()
 Expr = Any  # an aggregation expression: a dict, a "$path" string or a constant
 GROUP_FIELDS = ("deployment_id", "user_id", "task_status")
 INTERVALS = ("hour", "day", "week", "month")
-STATUSES = [s.value for s in TaskStatus]
-TERMINAL = sorted(str(s) for s in TERMINAL_STATUSES)
 PERCENTILES = {"p50": 50, "p95": 95}
 MAX_GROUPS = 10_000
 UNKNOWN_TIME_ZONE = 40485  # the server's code for a time zone it does not know
@@ -360,7 +358,7 @@ def public_deployment_stats(doc: Doc) -> Doc:
 @routes.get("/stats/jobs")
 async def jobs_stats(request: web.Request) -> web.Response:
     query = parse_stats_query(request.query, owner_filter(request))
-    with analytics_time_limit(request.app[assembly.SETTINGS]):
+    with analytics_time_limit(request.app[SETTINGS]):
         return json_response(await job_stats(_analytics(request), query))
 
 
@@ -371,11 +369,11 @@ async def deployments_stats(request: web.Request) -> web.Response:
     query = parse_list_query(
         request.query, DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, database.cursor_key, owner
     )
-    with analytics_time_limit(request.app[assembly.SETTINGS]):
+    with analytics_time_limit(request.app[SETTINGS]):
         page = await deployment_stats(_analytics(request), query, database.cursor_key, owner)
     return page_response(request, page, public_deployment_stats)
 
 
 def _analytics(request: web.Request) -> AsyncDatabase[Doc]:
     """Statistics may read from secondaries (MONGODB_ANALYTICS_READ_PREFERENCE)."""
-    return analytics_db(request.app[DB].db, request.app[assembly.SETTINGS])
+    return analytics_db(request.app[DB].db, request.app[SETTINGS])

@@ -22,7 +22,8 @@ from bson import ObjectId
 from pymongo.asynchronous.database import AsyncDatabase
 
 from .database import Doc, cli_database, run_database_command
-from .results import CHUNKS, FILES, delete_files
+from .models import CHUNKS, FILES
+from .results import delete_files
 from .settings import Settings
 from .store import now
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from service.models import TRANSITIONS, TaskStatus
+from service.lifecycle import SHORTEST_PATH, TRANSITIONS, TaskStatus
 from tests.conftest import Client, create_deployment, create_job
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
@@ -62,12 +62,7 @@ async def test_every_transition_follows_the_table(
 ) -> None:
     dep = await create_deployment(client)
     job = await create_job(client, dep["deployment_id"])
-    path = {
-        TaskStatus.PENDING: [],
-        TaskStatus.RUNNING: ["RUNNING"],
-        TaskStatus.FINISHED: ["RUNNING", "FINISHED"],
-        TaskStatus.ERROR: ["ERROR"],
-    }[source]
+    path = [s.value for s in SHORTEST_PATH[source]]
     for step in path:
         assert (await patch(client, job["job_id"], {"task_status": step}))[0] == 200
     status, body = await patch(client, job["job_id"], {"task_status": target.value})
