@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from pymongo import MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -24,8 +23,7 @@ from service.auth import ADMIN_KEY_FILE, create_key
 from service.database import DB
 from service.embedded import secantusd_process
 from service.settings import Settings
-
-Client = TestClient[Any, Any]
+from tests.helpers import Client, Users
 
 # Auth is on by default in the service. A test (or a service process it starts) that does
 # not ask for it runs without it, so that no test writes a first-start admin key into the
@@ -71,18 +69,6 @@ def auth_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"auth": "enabled"})
 
 
-@dataclass
-class Users:
-    """One service with auth on, and a client per caller (each sends its own key)."""
-
-    alice: Client
-    bob: Client
-    admin: Client  # the key the service created at first start
-    anonymous: Client  # sends no key
-    keys: dict[str, str]
-    db: AsyncDatabase[dict[str, Any]]
-
-
 @pytest.fixture
 async def users(aiohttp_client: Any, auth_settings: Settings) -> Users:
     server: TestServer = TestServer(create_app(auth_settings))
@@ -96,22 +82,6 @@ async def users(aiohttp_client: Any, auth_settings: Settings) -> Users:
         for user, key in keys.items()
     }
     return Users(clients["alice"], clients["bob"], clients["admin"], anonymous, keys, db)
-
-
-async def create_deployment(client: Client, **fields: Any) -> dict[str, Any]:
-    body = {"user_id": "alice", **fields}
-    resp = await client.post("/deployments", json=body)
-    assert resp.status == 201, await resp.text()
-    result: dict[str, Any] = await resp.json()
-    return result
-
-
-async def create_job(client: Client, deployment_id: int, **fields: Any) -> dict[str, Any]:
-    body = {"user_id": "alice", "deployment_id": deployment_id, **fields}
-    resp = await client.post("/jobs", json=body)
-    assert resp.status == 201, await resp.text()
-    result: dict[str, Any] = await resp.json()
-    return result
 
 
 @pytest.fixture

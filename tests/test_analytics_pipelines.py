@@ -25,7 +25,7 @@ from service.analyst_pipelines import (
     AnalystPipeline,
 )
 
-from .conftest import Client
+from .helpers import Client
 from .stats_data import entered, job_doc, load, rfc3339, rounded
 
 Doc = dict[str, Any]

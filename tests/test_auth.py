@@ -41,7 +41,7 @@ from service.cli import export_file, import_file
 from service.database import DB
 from service.embedded import PORT_FILE
 from service.settings import Settings
-from tests.conftest import Client, Users
+from tests.helpers import Client, Users
 from tests.test_openapi import conforms
 
 ROOT = Path(__file__).resolve().parent.parent

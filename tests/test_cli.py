@@ -14,7 +14,7 @@ from aiohttp import web
 
 from service.__main__ import main
 from service.cli import export_file, import_file
-from tests.conftest import Client, create_deployment, create_job
+from tests.helpers import Client, create_deployment, create_job
 from tests.test_imports import export, job_record, ndjson, other_client, records
 
 __all__ = ["other_client"]  # the fixture, used here too

@@ -8,7 +8,7 @@ from typing import Any
 from pymongo import MongoClient
 
 from service.settings import Settings
-from tests.conftest import Client, create_deployment, create_job
+from tests.helpers import Client, create_deployment, create_job
 
 
 async def test_create_get_and_storage_shape(client: Client, settings: Settings) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import Client, create_deployment
+from tests.helpers import Client, create_deployment
 
 
 async def test_embedded_database_persists_across_restarts(

@@ -29,7 +29,7 @@ from service.app import create_app
 from service.embedded import free_port, start_secantusd
 from service.settings import Settings
 
-from .conftest import Client, create_deployment, create_job
+from .helpers import Client, create_deployment, create_job
 
 ROOT = Path(__file__).resolve().parent.parent
 HANG = 60.0  # a request taking longer than this is hanging, however slow the machine

@@ -26,7 +26,7 @@ from service.pagination import (
     parse_list_query,
 )
 from service.settings import Settings
-from tests.conftest import Client, Users
+from tests.helpers import Client, Users
 
 OPERATOR_VALUES = ['{"$ne": null}', '{"$gt": ""}', "$ne", '{"$where": "sleep(1000)"}', "[$ne]"]
 

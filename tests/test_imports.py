@@ -30,7 +30,7 @@ from service.imports import (
 )
 from service.schemas import public_job
 from service.settings import Settings
-from tests.conftest import Client, create_deployment, create_job
+from tests.helpers import Client, create_deployment, create_job
 from tests.test_openapi import conforms
 
 NDJSON = {"Content-Type": "application/x-ndjson"}

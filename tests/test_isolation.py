@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Client, Users
+from tests.helpers import Client, Users
 
 Probe = tuple[str, str, Any, dict[str, str]]
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from service.lifecycle import SHORTEST_PATH, TRANSITIONS, TaskStatus
-from tests.conftest import Client, create_deployment, create_job
+from tests.helpers import Client, create_deployment, create_job
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
 

@@ -10,7 +10,7 @@ import pytest
 from pymongo import MongoClient
 
 from service.settings import Settings
-from tests.conftest import Client, create_deployment, create_job
+from tests.helpers import Client, create_deployment, create_job
 
 
 async def all_pages(client: Client, path: str) -> tuple[list[dict[str, Any]], int]:

@@ -16,7 +16,7 @@ from service.app import create_app
 from service.logs import JsonFormatter
 from service.settings import Settings
 
-from .conftest import Client, create_deployment, create_job
+from .helpers import Client, create_deployment, create_job
 
 LogReader = Callable[[], list[dict[str, Any]]]
 

@@ -20,7 +20,7 @@ from pymongo import MongoClient
 from referencing import Registry, Resource
 
 from service.embedded import free_port
-from tests.conftest import Client, create_deployment, create_job
+from tests.helpers import Client, create_deployment, create_job
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text())

@@ -22,7 +22,7 @@ from service.app import create_app
 from service.database import DB
 from service.results import CHUNK_SIZE
 from service.settings import Settings
-from tests.conftest import Client, create_deployment, create_job
+from tests.helpers import Client, create_deployment, create_job
 
 SPEC: dict[str, Any] = yaml.safe_load(
     (Path(__file__).resolve().parent.parent / "openapi.yaml").read_text()

@@ -13,7 +13,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.stats import StatsQuery, deployment_stats_pipeline, job_stats_pipeline
 
-from .conftest import Client
+from .helpers import Client
 from .stats_data import (
     BASE,
     DEPLOYMENTS,

@@ -14,7 +14,7 @@ from service.settings import Settings
 from service.store import now
 from service.sweep import sweep
 
-from .conftest import Client
+from .helpers import Client
 from .test_auth import run_cli
 from .test_results import counts, new_job, put, url
 

@@ -1,0 +1,39 @@
+"""Helpers the tests share: client types and the usual ways to create records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+Client = TestClient[Any, Any]
+
+
+@dataclass
+class Users:
+    """One service with auth on, and a client per caller (each sends its own key)."""
+
+    alice: Client
+    bob: Client
+    admin: Client  # the key the service created at first start
+    anonymous: Client  # sends no key
+    keys: dict[str, str]
+    db: AsyncDatabase[dict[str, Any]]
+
+
+async def create_deployment(client: Client, **fields: Any) -> dict[str, Any]:
+    body = {"user_id": "alice", **fields}
+    resp = await client.post("/deployments", json=body)
+    assert resp.status == 201, await resp.text()
+    result: dict[str, Any] = await resp.json()
+    return result
+
+
+async def create_job(client: Client, deployment_id: int, **fields: Any) -> dict[str, Any]:
+    body = {"user_id": "alice", "deployment_id": deployment_id, **fields}
+    resp = await client.post("/jobs", json=body)
+    assert resp.status == 201, await resp.text()
+    result: dict[str, Any] = await resp.json()
+    return result
