@@ -23,7 +23,7 @@ from .jobs import delete_jobs
 from .models import deployment_document
 from .pagination import DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, parse_list_query
 from .schemas import DeploymentCreate, DeploymentPatch, public_deployment
-from .store import apply_update, fetch_page, field_updates, get_checked, now
+from .store import fetch_page, field_changes, get_checked, now, update_record
 
 routes = web.RouteTableDef()
 DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
@@ -50,9 +50,13 @@ async def patch_deployment(
     changes = patch.model_dump(exclude_unset=True)
     if not changes:
         return await get_checked(db.deployments, deployment_id, revision, "deployment", owner)
-    update = field_updates(changes, DEFAULTS)
-    return await apply_update(
-        db.deployments, deployment_id, update, revision, lambda _: None, "deployment", owner
+    return await update_record(
+        db.deployments,
+        deployment_id,
+        lambda change: field_changes(change, changes, DEFAULTS),
+        revision,
+        "deployment",
+        owner,
     )
 
 

@@ -20,11 +20,11 @@ from .http import (
     read_body,
     record_response,
 )
-from .lifecycle import PREDECESSORS, TERMINAL, TERMINAL_NAMES, TaskStatus, transition_problem
+from .lifecycle import TERMINAL, TERMINAL_NAMES, TaskStatus, transition_problem
 from .models import job_document
 from .pagination import JOB_FILTERS, JOB_SORTS, parse_list_query
 from .schemas import JobCreate, JobPatch, public_job, rfc3339
-from .store import apply_update, fetch_page, field_updates, get_checked, now
+from .store import Change, fetch_page, field_changes, get_checked, now, update_record
 
 routes = web.RouteTableDef()
 DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
@@ -77,41 +77,31 @@ async def patch_job(
     if status is not None and finished is not None and status not in TERMINAL:
         raise invalid(["body", "finished_at"], "may only be given with FINISHED or ERROR")
 
-    update = field_updates(changes, DEFAULTS)
-    if status is not None:
-        # Never before started_at, even when started_at was given in the future.
-        at: Any = finished or {"$max": ["$started_at", {"$literal": now()}]}
-        update.filter["task_status"] = {"$in": PREDECESSORS[status]}
-        update.set["task_status"] = {"$literal": status.value}
-        update.set["history"] = {
-            "$concatArrays": [
-                {"$ifNull": ["$history", []]},
-                [{"task_status": {"$literal": status.value}, "at": at}],
-            ]
-        }
-        if status in TERMINAL:
-            update.set["finished_at"] = at
-    elif finished is not None:
-        update.filter["task_status"] = {"$in": TERMINAL_NAMES}
-        update.set["finished_at"] = {"$literal": finished}
-    if finished is not None:
-        update.filter["started_at"] = {"$lte": finished}
-
-    def explain(stored: Doc) -> Problem | None:
+    def decide(change: Change) -> None:
+        stored = change.stored
         current = stored.get("task_status")
         if status is not None and (why := transition_problem(current, status)):
-            return Conflict(why)
+            raise Conflict(why)
         if status is None and finished is not None and current not in TERMINAL_NAMES:
-            return Conflict(
+            raise Conflict(
                 f"finished_at can only be set on a FINISHED or ERROR job, not {current}."
             )
         if finished is not None and stored["started_at"] > finished:
-            return invalid(
+            raise invalid(
                 ["body", "finished_at"], f"is before started_at ({rfc3339(stored['started_at'])})"
             )
-        return None
+        field_changes(change, changes, DEFAULTS)
+        if status is not None:
+            # Never before started_at, even when started_at was given in the future.
+            at = finished or max(stored["started_at"], now())
+            change.set("task_status", status.value)
+            change.push("history", {"task_status": status.value, "at": at})
+            if status in TERMINAL:
+                change.set("finished_at", at)
+        elif finished is not None:
+            change.set("finished_at", finished)
 
-    return await apply_update(db.jobs, job_id, update, revision, explain, "job", owner)
+    return await update_record(db.jobs, job_id, decide, revision, "job", owner)
 
 
 async def delete_job(db: AsyncDatabase[Doc], job_id: int, revision: int | None, owner: Doc) -> None:

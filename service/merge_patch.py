@@ -1,9 +1,8 @@
 """JSON Merge Patch (RFC 7396) for `data`, and the rules every `data` value obeys.
 
-`merge_expression` turns a patch into one aggregation expression that MongoDB evaluates
-inside a single pipeline update, so two clients patching different keys never lose each
-other's change and nothing is read first. `apply_merge_patch` is the in-memory reference
-the tests compare it with.
+`apply_merge_patch` is the RFC; `merge_operations` turns a patch into the `$set`/`$unset`
+paths of one update of the stored value it was computed from (store.update_record makes
+that update conditional on the record's revision, so no concurrent change is lost).
 """
 
 from __future__ import annotations
@@ -15,9 +14,10 @@ import orjson
 
 from .errors import Loc, error
 
+Doc = dict[str, Any]
+
 MAX_DATA_BYTES = 1024 * 1024  # compact UTF-8 JSON
 MAX_DATA_DEPTH = 64
-MAX_MERGED_BSON_BYTES = 2 * 1024 * 1024  # after a merge; see merged_size_guard
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -34,55 +34,42 @@ def apply_merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def merge_expression(target: Any, patch: Any, depth: int = 0) -> Any:
-    """An aggregation expression equal to `apply_merge_patch(<target>, patch)`.
+def merge_operations(stored: Any, patch: Any, path: str) -> tuple[Doc, list[str]]:
+    """`$set` and `$unset` paths that turn `stored` (the value at `path`, exactly as stored)
+    into `apply_merge_patch(stored, patch)`.
 
-    `target` is an expression (e.g. "$data"). Variables are bound with `$let` so each
-    level refers to its parent once: the expression grows linearly with the patch.
+    Dotted paths reach only as deep as the stored value has objects, so the update nests
+    no deeper than the values it sets (mongod refuses commands past 200 levels); where the
+    stored value is not an object, the merged value replaces it whole.
     """
-    if not isinstance(patch, dict):
-        return {"$literal": patch}
-    value, obj = f"v{depth}", f"o{depth}"
-    as_object = {"$cond": [{"$eq": [{"$type": f"$${value}"}, "object"]}, f"$${value}", {}]}
-    sets = {
-        key: merge_expression({"$getField": {"field": key, "input": f"$${obj}"}}, v, depth + 1)
-        for key, v in patch.items()
-        if v is not None
-    }
-    removed = [key for key, v in patch.items() if v is None]
-    merged: Any = {"$mergeObjects": [f"$${obj}", sets]} if sets else f"$${obj}"
-    if removed:
-        merged = {
-            "$arrayToObject": {
-                "$filter": {
-                    "input": {"$objectToArray": merged},
-                    "as": "kv",
-                    "cond": {"$not": [{"$in": ["$$kv.k", removed]}]},
-                }
-            }
-        }
-    # $ifNull turns a missing field into null; SecantusDB 0.7 reports $type "object" for
-    # a missing $getField result, MongoDB "missing": both now agree.
-    bound = {"$ifNull": [target, None]}
-    return {
-        "$let": {"vars": {value: bound}, "in": {"$let": {"vars": {obj: as_object}, "in": merged}}}
-    }
+    if not isinstance(patch, dict) or not isinstance(stored, dict):
+        return {path: apply_merge_patch(stored, patch)}, []
+    sets: Doc = {}
+    unsets: list[str] = []
+    for key, value in patch.items():
+        if value is None:
+            if key in stored:
+                unsets.append(f"{path}.{key}")
+            continue
+        more_sets, more_unsets = merge_operations(stored.get(key), value, f"{path}.{key}")
+        sets.update(more_sets)
+        unsets.extend(more_unsets)
+    return sets, unsets
 
 
-def merged_size_guard(field: str, merged: Any) -> dict[str, Any]:
-    """A `$expr` condition: the merged value stays within the limit, or does not grow.
-
-    The exact 1 MiB JSON limit is checked on every value a client sends; the database can
-    only measure BSON, so a merge may not push the stored value past 2 MiB of BSON.
-    Shrinking an (old, large) value is always allowed.
-    """
-    new_size = {"$bsonSize": {"v": merged}}
-    return {
-        "$or": [
-            {"$lte": [new_size, MAX_MERGED_BSON_BYTES]},
-            {"$lte": [new_size, {"$bsonSize": {"v": f"${field}"}}]},
-        ]
-    }
+def merged_data_errors(stored: Any, merged: Any, loc: Loc) -> list[dict[str, Any]]:
+    """The rules of `data` for a merged value: only its size can break them (its keys came
+    from values already checked); a value stored larger than the limit may still shrink."""
+    size = len(orjson.dumps(merged))
+    if size <= MAX_DATA_BYTES or size <= len(orjson.dumps(stored)):
+        return []
+    return [
+        error(
+            loc,
+            f"the merged value would be larger than {MAX_DATA_BYTES} bytes as "
+            "compact JSON; nothing changed",
+        )
+    ]
 
 
 def data_errors(value: Any, loc: Loc) -> list[dict[str, Any]]:

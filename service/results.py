@@ -290,7 +290,9 @@ async def _swap_in(
                 "results": {"$elemMatch": {"name": name, "file_id": old}},
             }
             new = {"$literal": entry}
-            swap = {"$cond": [{"$eq": ["$$this.name", name]}, new, "$$this"]}
+            # $literal: a client's name like "$x" or "$$x" would be a path or a variable here.
+            same = {"$eq": ["$$this.name", {"$literal": name}]}
+            swap = {"$cond": [same, new, "$$this"]}
             update = [
                 {
                     "$set": {

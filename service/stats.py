@@ -197,6 +197,8 @@ def _group_stages(key: Expr) -> list[Doc]:
 
 
 def _bucket(interval: str, tz: str) -> Expr:
+    # `tz` is one of the IANA names (checked in parse_stats_query), never "$...", so it
+    # needs no $literal, which SecantusDB 0.7 does not accept for `timezone`.
     trunc: dict[str, Any] = {"date": "$started_at", "unit": interval, "timezone": tz}
     if interval == "week":
         trunc["startOfWeek"] = "monday"  # ISO 8601 weeks

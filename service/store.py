@@ -1,27 +1,32 @@
-"""The data layer's shared machinery: one-round-trip conditional updates and list pages.
+"""The data layer's shared machinery: conditional updates and list pages.
 
-Every change is one `find_one_and_update` whose filter states all its preconditions
-(revision, status, sizes). When it matches nothing, the record is read once to say
-precisely why; if the record changed in between so that the update would now apply,
-it is tried again.
+Every change reads the record, decides in Python what it becomes (the rules see exactly
+what is stored), and writes that with one `update_one` conditioned on the revision it
+read. A concurrent change makes the condition fail; the record is then read again and the
+change decided anew, so nothing is lost and two requests never both win a transition.
+Both queries are equality lookups by `_id`, which every planner, SecantusDB's included,
+answers from the index (its findAndModify and `$in` filters scan the collection).
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 
 from .database import Doc
-from .errors import Conflict, NotFound, PreconditionFailed, Problem, invalid
-from .merge_patch import merge_expression, merged_size_guard
+from .errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
+from .merge_patch import apply_merge_patch, merge_operations, merged_data_errors
 from .pagination import ListQuery, encode_cursor
 
-MAX_ATTEMPTS = 5
+# Each failed attempt means another request's change landed, so n concurrent changes of
+# one record need at most n attempts; past this many, the client is told to try again.
+MAX_ATTEMPTS = 64
 
 
 def now() -> datetime:
@@ -31,68 +36,84 @@ def now() -> datetime:
 
 
 @dataclass
-class Update:
-    """One atomic pipeline update under construction."""
+class Change:
+    """What one update does to a stored record: the record after it, and the operators."""
 
-    filter: dict[str, Any]
-    set: dict[str, Any]
-    checks: list[dict[str, Any]]  # `$expr` conditions the stored record must meet
+    stored: Doc
+    after: Doc = field(init=False)
+    sets: Doc = field(default_factory=dict)
+    unsets: list[str] = field(default_factory=list)
+    pushes: Doc = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.after = {**self.stored, "revision": self.stored["revision"] + 1}
+
+    def set(self, name: str, value: Any) -> None:
+        self.after[name] = self.sets[name] = value
+
+    def push(self, name: str, value: Any) -> None:
+        self.after[name] = [*self.stored.get(name, []), value]
+        self.pushes[name] = value
+
+    def merge(self, name: str, patch: Any) -> None:
+        """RFC 7396 merge of `patch` into the field, written as the paths it changes."""
+        stored = self.stored.get(name)
+        merged = apply_merge_patch(stored, patch)
+        if errors := merged_data_errors(stored, merged, ["body", name]):
+            raise ValidationFailed(errors[0]["msg"], errors=errors)
+        sets, unsets = merge_operations(stored, patch, name)
+        self.after[name] = merged
+        self.sets.update(sets)
+        self.unsets.extend(unsets)
+
+    def update(self) -> Doc:
+        operators: Doc = {"$inc": {"revision": 1}}
+        if self.sets:
+            operators["$set"] = self.sets
+        if self.unsets:
+            operators["$unset"] = dict.fromkeys(self.unsets, "")
+        if self.pushes:
+            operators["$push"] = self.pushes
+        return operators
 
 
-def field_updates(changes: dict[str, Any], defaults: dict[str, Any]) -> Update:
-    """Translate a validated merge patch of plain fields and `data` into one update.
+def field_changes(change: Change, changes: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Apply a validated merge patch of plain fields and `data` to `change`.
 
-    `null` resets a field to its default; `data` is merged in the database.
+    `null` resets a field to its default; an object for `data` is merged into it.
     """
-    update = Update(filter={}, set={}, checks=[])
     for name, value in changes.items():
         if name == "data" and isinstance(value, dict):
-            merged = merge_expression("$data", value)
-            update.set["data"] = merged
-            update.checks.append(merged_size_guard("data", merged))
+            change.merge(name, value)
         elif value is None and name in defaults:
-            update.set[name] = {"$literal": defaults[name]}
+            change.set(name, defaults[name])
         else:
-            update.set[name] = {"$literal": value}
-    return update
+            change.set(name, value)
 
 
-async def apply_update(
+async def update_record(
     collection: AsyncCollection[Doc],
     record_id: int,
-    update: Update,
+    decide: Callable[[Change], None],
     revision: int | None,
-    explain: Callable[[Doc], Problem | None],
     what: str,
     owner: Doc,
 ) -> Doc:
-    """Run `update` on one record (bumping its revision) and return the new record.
+    """Change one record as `decide(change)` says, given the record as stored; return it.
 
-    `explain(stored)` names the precondition a stored record fails, or None if none.
-    `owner` (auth.owner_filter) hides other users' records: they are 404 like missing ones.
+    `decide` raises the domain error (409, 422) when the stored record does not allow the
+    change. `revision` is the client's If-Match (412 when it differs). `owner`
+    (auth.owner_filter) hides other users' records: they are 404 like missing ones.
     """
-    flt: dict[str, Any] = {**update.filter, **owner, "_id": record_id}
-    if revision is not None:
-        flt["revision"] = revision
-    if update.checks:
-        flt["$expr"] = {"$and": update.checks}
-    stage = {**update.set, "revision": {"$add": ["$revision", 1]}}
-    for _ in range(MAX_ATTEMPTS):
-        doc = await collection.find_one_and_update(
-            flt, [{"$set": stage}], return_document=ReturnDocument.AFTER
-        )
-        if doc is not None:
-            return doc
+    for attempt in range(MAX_ATTEMPTS):
         stored = await get_checked(collection, record_id, revision, what, owner)
-        problem = explain(stored)
-        if problem is not None:
-            raise problem
-        if update.checks:
-            sized = await collection.count_documents({"_id": record_id, "$expr": flt["$expr"]})
-            if not sized:
-                raise invalid(
-                    ["body", "data"], "the merged value would exceed 2 MiB (BSON); nothing changed"
-                )
+        change = Change(stored)
+        decide(change)
+        flt = {"_id": record_id, "revision": stored["revision"]}
+        if (await collection.update_one(flt, change.update())).matched_count:
+            return change.after
+        if attempt >= 4:  # a crowd on one record: spread the retries out
+            await asyncio.sleep(random.uniform(0, 0.002 * attempt))
     raise Conflict(f"The {what} changed too often to update; try again.")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from pymongo import MongoClient
+from pymongo import MongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
@@ -29,6 +29,54 @@ from tests.helpers import Client, Users
 # not ask for it runs without it, so that no test writes a first-start admin key into the
 # checkout's .data; tests of authentication turn it on explicitly (`auth_settings`, `users`).
 os.environ["AUTH"] = "disabled"
+
+
+MAX_BSON_DEPTH = 200  # mongod's maxBSONDepth: it refuses any command nested deeper
+
+
+def bson_depth(value: Any) -> int:
+    """Nesting depth as mongod counts it: the command document is level 1."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        depth = max(depth, level)
+        if isinstance(node, dict):
+            stack.extend(
+                (child, level + 1) for child in node.values() if isinstance(child, dict | list)
+            )
+        elif isinstance(node, list | tuple):
+            stack.extend((child, level + 1) for child in node if isinstance(child, dict | list))
+    return depth
+
+
+class CommandDepthListener(monitoring.CommandListener):
+    """Sees every command any client in this process sends; remembers the too-deep ones."""
+
+    def __init__(self) -> None:
+        self.too_deep: list[str] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        depth = bson_depth(event.command)
+        if depth > MAX_BSON_DEPTH:
+            self.too_deep.append(f"{event.command_name} nested {depth} levels deep")
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+COMMAND_DEPTH = CommandDepthListener()
+monitoring.register(COMMAND_DEPTH)  # every client created from here on, the service's too
+
+
+@pytest.fixture(autouse=True)
+def no_command_deeper_than_mongod_accepts() -> Iterator[None]:
+    """Fails the test in which the service sent a command that MongoDB would refuse."""
+    COMMAND_DEPTH.too_deep.clear()
+    yield
+    assert not COMMAND_DEPTH.too_deep, f"MongoDB refuses these: {COMMAND_DEPTH.too_deep[:3]}"
 
 
 @pytest.fixture(scope="session")

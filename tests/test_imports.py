@@ -28,6 +28,7 @@ from service.imports import (
     Importer,
     LineReader,
 )
+from service.merge_patch import MAX_DATA_BYTES
 from service.schemas import public_job
 from service.settings import Settings
 from tests.helpers import Client, create_deployment, create_job
@@ -390,16 +391,18 @@ async def test_a_line_longer_than_the_limit_is_one_error(client: Client) -> None
     assert report["errors"] == [{"line": 2, "detail": f"longer than {MAX_LINE} bytes"}]
 
 
-async def test_data_as_large_as_merge_patches_make_it_is_accepted(client: Client) -> None:
-    big = {f"k{i}": "v" * 1000 for i in range(1500)}  # ~1.5 MB as JSON and as BSON
-    bigger = {f"k{i}": "v" * 1000 for i in range(2200)}  # over 2 MiB as BSON
+async def test_data_over_the_contracts_limit_is_refused(client: Client) -> None:
+    """The contract's 1 MiB of compact JSON holds for imports as for every other entry."""
+    fits = {"s": "v" * (MAX_DATA_BYTES - 8)}  # exactly MAX_DATA_BYTES as compact JSON
+    over = {"s": "v" * (MAX_DATA_BYTES - 7)}
     report = await import_(
-        client, "deployments", ndjson([{"user_id": "a", "data": d} for d in (big, bigger)])
+        client, "deployments", ndjson([{"user_id": "a", "data": d} for d in (fits, over)])
     )
     assert report["inserted"] == 1
-    assert report["errors"] == [{"line": 2, "detail": "data: larger than 2097152 bytes as BSON"}]
+    detail = f"data: larger than {MAX_DATA_BYTES} bytes as compact JSON"
+    assert report["errors"] == [{"line": 2, "detail": detail}]
     (stored,) = records(await export(client, "deployments"))
-    assert stored["data"] == big
+    assert stored["data"] == fits
 
 
 async def test_only_the_first_1000_errors_are_listed(client: Client) -> None:

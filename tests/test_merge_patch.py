@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,8 +15,9 @@ from service.merge_patch import (
     MAX_DATA_DEPTH,
     apply_merge_patch,
     data_errors,
-    merge_expression,
+    merge_operations,
 )
+from tests.helpers import Client, create_deployment, create_job
 
 # RFC 7396 appendix A, verbatim.
 RFC_EXAMPLES = [
@@ -56,6 +58,17 @@ patches = st.recursive(
 )
 
 
+async def merge(collection: Any, stored: Any, patch: Any) -> None:
+    """Apply `patch` to the document's `data` as the service does (store.Change.merge)."""
+    sets, unsets = merge_operations(stored, patch, "data")
+    update: dict[str, Any] = {"$inc": {"n": 1}}
+    if sets:
+        update["$set"] = sets
+    if unsets:
+        update["$unset"] = dict.fromkeys(unsets, "")
+    await collection.update_one({"_id": 1}, update)
+
+
 @pytest.fixture
 async def collection(mongodb_url: str) -> Any:
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongodb_url)
@@ -71,10 +84,10 @@ async def collection(mongodb_url: str) -> Any:
 )
 @given(target=json_values, patch=patches.filter(lambda p: isinstance(p, dict)))
 async def test_database_merge_equals_rfc7396(collection: Any, target: Any, patch: Any) -> None:
-    """The pipeline update gives exactly what RFC 7396 gives, for any stored value."""
+    """The update's paths give exactly what RFC 7396 gives, for any stored value."""
     await collection.delete_many({})
     await collection.insert_one({"_id": 1, "data": target})
-    await collection.update_one({"_id": 1}, [{"$set": {"data": merge_expression("$data", patch)}}])
+    await merge(collection, target, patch)
     stored = (await collection.find_one({"_id": 1}))["data"]
     assert stored == apply_merge_patch(target, patch)
 
@@ -82,7 +95,7 @@ async def test_database_merge_equals_rfc7396(collection: Any, target: Any, patch
 async def test_merge_replaces_non_object_by_object_at_depth(collection: Any) -> None:
     await collection.insert_one({"_id": 1, "data": {"a": "text", "b": [1, 2], "c": 5}})
     patch = {"a": {"x": {"y": 1}}, "b": {"k": None, "j": 2}, "c": None, "d": {"e": None}}
-    await collection.update_one({"_id": 1}, [{"$set": {"data": merge_expression("$data", patch)}}])
+    await merge(collection, (await collection.find_one({"_id": 1}))["data"], patch)
     stored = (await collection.find_one({"_id": 1}))["data"]
     assert stored == {"a": {"x": {"y": 1}}, "b": {"j": 2}, "d": {}}
 
@@ -90,7 +103,7 @@ async def test_merge_replaces_non_object_by_object_at_depth(collection: Any) -> 
 async def test_values_that_look_like_operators_stay_literal(collection: Any) -> None:
     await collection.insert_one({"_id": 1, "data": {}})
     patch = {"s": "$data", "l": ["$$ROOT", {"k": "$x"}], "o": {"n": "$literal"}}
-    await collection.update_one({"_id": 1}, [{"$set": {"data": merge_expression("$data", patch)}}])
+    await merge(collection, (await collection.find_one({"_id": 1}))["data"], patch)
     assert (await collection.find_one({"_id": 1}))["data"] == patch
 
 
@@ -128,3 +141,27 @@ def test_data_within_limits_is_accepted() -> None:
     assert data_errors({"n": 2**63 - 1, "m": -(2**63), "$not_a_key": None}["n"], ["data"]) == []
     assert data_errors({"s": "x" * (MAX_DATA_BYTES - 10)}, ["data"]) == []
     assert data_errors([1, "two", None, True, 3.5, {"k": []}], ["data"]) == []
+
+
+@pytest.mark.parametrize("depth", [20, 40, 63])
+async def test_deep_data_is_created_patched_and_imported(client: Client, depth: int) -> None:
+    """Every depth the contract allows works, and (conftest) no command nests past 200."""
+    dep = await create_deployment(client, data=nested(depth))
+    job = await create_job(client, dep["deployment_id"], data=nested(depth))
+    for path, record in (("deployments", dep), ("jobs", job)):
+        record_id = record[f"{path[:-1]}_id"]
+        patch = {"data": {"k": nested(depth - 1), "new": nested(depth - 1)}}
+        resp = await client.patch(f"/{path}/{record_id}", json=patch)
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["data"] == {"k": nested(depth - 1), "new": nested(depth - 1)}
+        deletion = {"data": {"k": None, "new": nested(depth - 1)}}
+        resp = await client.patch(f"/{path}/{record_id}", json=deletion)
+        assert (await resp.json())["data"] == {"new": nested(depth - 1)}
+    line = orjson.dumps(
+        {"user_id": "alice", "deployment_id": dep["deployment_id"], "data": nested(depth)}
+    )
+    resp = await client.post(
+        "/import/jobs", data=line + b"\n", headers={"Content-Type": "application/x-ndjson"}
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["inserted"] == 1

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from aiohttp import ClientPayloadError, ClientResponse, web
 from gridfs import AsyncGridFSBucket
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openapi_schema_validator import OAS31Validator, validate
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -279,6 +281,33 @@ async def test_names_may_hold_spaces_unicode_and_braces(client: Client) -> None:
         f"attachment; filename=\"r_sum_ {{v2}} 100%.txt\"; filename*=UTF-8''{quote(name, safe='')}"
     )
     assert len((await put(client, job_id, "n" * 200, b"")).headers["ETag"]) == 66
+
+
+dollar_names = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cc", "Cs"), exclude_characters="/"),
+    max_size=20,
+).map(lambda rest: rest if rest.startswith("$") else "$" + rest)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=dollar_names | st.sampled_from(["$x.csv", "$$x", "$$ROOT", "$$this.name", "$literal"]))
+async def test_names_that_look_like_expressions_are_plain_names(client: Client, name: str) -> None:
+    """A name is never read as a field path or variable ($literal), on any database."""
+    job_id = await new_job(client)
+    assert (await put(client, job_id, "other", b"o")).status == 201
+    assert (await put(client, job_id, name, b"first")).status == 201
+    resp = await put(client, job_id, name, b"second")
+    assert resp.status == 200, await resp.text()
+    got = await client.get(url(job_id, name))
+    assert got.status == 200 and await got.read() == b"second"
+    assert await (await client.get(url(job_id, "other"))).read() == b"o"
+    job = await (await client.get(f"/jobs/{job_id}")).json()
+    assert [r["name"] for r in job["results"]] == ["other", name]
+    assert (await client.delete(url(job_id, name))).status == 204
+    files = database(client)["fs.files"]
+    assert await files.count_documents({"metadata.job_id": job_id}) == 1  # "other" only
 
 
 # --- reading: ranges and conditions -----------------------------------------------------
