@@ -80,6 +80,18 @@ def analytics_db(db: AsyncDatabase[Doc], settings: Settings) -> AsyncDatabase[Do
     return db.with_options(read_preference=mode)
 
 
+async def analytics_source(db: AsyncDatabase[Doc], settings: Settings) -> AsyncDatabase[Doc]:
+    """`analytics_db`, once a server for its read preference answers a ping.
+
+    Inside `analytics_time_limit` the driver would spend the whole (long) limit waiting for
+    a server when none is selectable (an election, an outage, `secondary` on a set without
+    one): the ping selects it first, under MONGODB_TIMEOUT_MS, so that is a quick 503.
+    """
+    source = analytics_db(db, settings)
+    await source.command("ping", read_preference=source.read_preference)
+    return source
+
+
 async def init_database(db: AsyncDatabase[Doc]) -> None:
     """Register the documents with Beanie, which creates their indexes; and GridFS's.
 

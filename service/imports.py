@@ -50,7 +50,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from .auth import ANONYMOUS_ADMIN, Principal, deadline_stream, owner_filter, principal
-from .database import DB, Doc, analytics_db, analytics_time_limit, ensure_counter, next_ids
+from .database import DB, Doc, analytics_source, analytics_time_limit, ensure_counter, next_ids
 from .errors import BadRequest, Problem, UnsupportedMediaType, ValidationFailed, bad_query
 from .http import check_query, json_response
 from .lifecycle import TERMINAL, TaskStatus, default_history, history_problem
@@ -750,7 +750,7 @@ async def export_records(request: web.Request, kind_name: str) -> web.StreamResp
             raise bad_query(name, "unknown query parameter (an export is neither paged nor sorted)")
     flt = parse_filters(request.query, kind.filters, fixed=owner_filter(request))
     settings = request.app[SETTINGS]
-    source = analytics_db(request.app[DB].db, settings)  # may be a secondary
+    source = await analytics_source(request.app[DB].db, settings)  # may be a secondary
     cursor = source[kind.name].find(flt).sort("_id", 1).batch_size(EXPORT_BATCH)
     try:
         # Each read has MONGODB_ANALYTICS_TIMEOUT_MS: the first may sort the whole collection.

@@ -25,7 +25,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
 from .auth import owner_filter
-from .database import DB, Doc, analytics_db, analytics_time_limit
+from .database import DB, Doc, analytics_source, analytics_time_limit
 from .errors import BadRequest, bad_query
 from .http import json_response, page_response
 from .lifecycle import STATUS_NAMES as STATUSES
@@ -50,6 +50,8 @@ INTERVALS = ("hour", "day", "week", "month")
 PERCENTILES = {"p50": 50, "p95": 95}
 MAX_GROUPS = 10_000
 UNKNOWN_TIME_ZONE = 40485  # the server's code for a time zone it does not know
+# $push past internalQueryMaxPushBytes (ExceededMemoryLimit), or a group document past 16 MB
+TOO_LARGE_TO_RANK = frozenset({146, 10334})
 EMPTY_SUMMARY = {"samples": 0, "min": None, "avg": None, **dict.fromkeys(PERCENTILES), "max": None}
 
 
@@ -176,22 +178,60 @@ def summary(values: Expr) -> Expr:
     }
 
 
-def _group_stages(key: Expr) -> list[Doc]:
-    """Group by `key`, then shape each group's metrics."""
-    accumulators = {
-        "count": {"$sum": 1},
-        **{s: _status_count(s) for s in STATUSES},
-        "queue": {"$push": "$d.queue"},
-        "run": {"$push": "$d.run"},
+def approximate_summary(prefix: str) -> Expr:
+    """`summary`'s shape from the accumulators of `_approximate_accumulators(prefix)`."""
+    found = {
+        "samples": f"${prefix}_n",
+        "min": f"${prefix}_min",
+        "avg": f"${prefix}_avg",
+        **{name: {"$arrayElemAt": [f"${prefix}_p", i]} for i, name in enumerate(PERCENTILES)},
+        "max": f"${prefix}_max",
     }
+    return {"$cond": [{"$eq": [f"${prefix}_n", 0]}, {"$literal": EMPTY_SUMMARY}, found]}
+
+
+def _approximate_accumulators(prefix: str, value: str) -> Doc:
+    """Count, min, avg, max and `$percentile` (t-digest; MongoDB 7.0+) of `value`."""
+    return {
+        f"{prefix}_n": {"$sum": {"$cond": [{"$isNumber": value}, 1, 0]}},
+        f"{prefix}_min": {"$min": value},
+        f"{prefix}_avg": {"$avg": value},
+        f"{prefix}_max": {"$max": value},
+        f"{prefix}_p": {
+            "$percentile": {
+                "input": value,
+                "p": [p / 100 for p in PERCENTILES.values()],
+                "method": "approximate",
+            }
+        },
+    }
+
+
+def _group_stages(key: Expr, approximate: bool = False) -> list[Doc]:
+    """Group by `key`, then shape each group's metrics.
+
+    Exact ranks `$push` every duration of a group into one array, which MongoDB refuses
+    past 100 MB (`internalQueryMaxPushBytes`, ~6.5 million jobs); `approximate` uses
+    `$percentile` instead, which keeps no array.
+    """
+    accumulators: Doc = {"count": {"$sum": 1}, **{s: _status_count(s) for s in STATUSES}}
+    if approximate:
+        accumulators |= _approximate_accumulators("queue", "$d.queue")
+        accumulators |= _approximate_accumulators("run", "$d.run")
+        durations = {
+            "queue_time_s": approximate_summary("queue"),
+            "run_time_s": approximate_summary("run"),
+        }
+    else:
+        accumulators |= {"queue": {"$push": "$d.queue"}, "run": {"$push": "$d.run"}}
+        durations = {"queue_time_s": summary("$queue"), "run_time_s": summary("$run")}
     metrics = {
         "_id": 0,
         "key": "$_id",
         "count": 1,
         "by_status": {s: f"${s}" for s in STATUSES},
         "error_rate": _rate("ERROR", TERMINAL),
-        "queue_time_s": summary("$queue"),
-        "run_time_s": summary("$run"),
+        **durations,
     }
     return [{"$group": {"_id": key, **accumulators}}, {"$project": metrics}]
 
@@ -205,7 +245,7 @@ def _bucket(interval: str, tz: str) -> Expr:
     return {"$dateTrunc": trunc}
 
 
-def job_stats_pipeline(query: StatsQuery) -> list[Doc]:
+def job_stats_pipeline(query: StatsQuery, approximate: bool = False) -> list[Doc]:
     """One aggregation: the filtered jobs, their durations, then groups and totals together.
 
     `$facet` lets one pass over the jobs feed both; its output is one small document
@@ -216,9 +256,9 @@ def job_stats_pipeline(query: StatsQuery) -> list[Doc]:
     if query.interval is not None:
         key["bucket"] = _bucket(query.interval, query.tz)
         fields["started_at"] = 1
-    facet = {"totals": _group_stages(None)}
+    facet = {"totals": _group_stages(None, approximate)}
     if key:
-        groups = _group_stages(key)
+        groups = _group_stages(key, approximate)
         groups[1:1] = [{"$sort": {f"_id.{k}": 1 for k in key}}, {"$limit": MAX_GROUPS + 1}]
         facet["groups"] = groups
     return [
@@ -261,9 +301,21 @@ def deployment_stats_pipeline(deployment_ids: Sequence[int], owner: Doc | None =
 
 
 async def job_stats(db: AsyncDatabase[Doc], query: StatsQuery) -> Doc:
-    """Run the pipeline and render `{"groups", "totals", ...}`; too many groups is a 400."""
+    """Run the pipeline and render `{"groups", "totals", ...}`; too many groups is a 400.
+
+    Percentiles are exact unless a group is too large for the server to rank exactly:
+    then the same statistics come again with approximate ones (`"percentiles"` says which).
+    """
+    method = "exact"
     try:
-        rows = await (await db.jobs.aggregate(job_stats_pipeline(query))).to_list(None)
+        try:
+            rows = await (await db.jobs.aggregate(job_stats_pipeline(query))).to_list(None)
+        except OperationFailure as exc:
+            if exc.code not in TOO_LARGE_TO_RANK:
+                raise
+            method = "approximate"
+            pipeline = job_stats_pipeline(query, approximate=True)
+            rows = await (await db.jobs.aggregate(pipeline)).to_list(None)
     except OperationFailure as exc:
         if exc.code == UNKNOWN_TIME_ZONE:  # Python's zone list and the server's disagree
             raise bad_query("tz", "is a time zone the database does not know") from None
@@ -280,6 +332,7 @@ async def job_stats(db: AsyncDatabase[Doc], query: StatsQuery) -> Doc:
         "group_by": list(query.group_by),
         "interval": query.interval,
         "tz": query.tz,
+        "percentiles": method,
         "groups": [_render_group(g) for g in groups],
         "totals": _render_metrics(totals),
     }
@@ -360,8 +413,9 @@ def public_deployment_stats(doc: Doc) -> Doc:
 @routes.get("/stats/jobs")
 async def jobs_stats(request: web.Request) -> web.Response:
     query = parse_stats_query(request.query, owner_filter(request))
+    source = await _analytics(request)
     with analytics_time_limit(request.app[SETTINGS]):
-        return json_response(await job_stats(_analytics(request), query))
+        return json_response(await job_stats(source, query))
 
 
 @routes.get("/stats/deployments")
@@ -371,11 +425,12 @@ async def deployments_stats(request: web.Request) -> web.Response:
     query = parse_list_query(
         request.query, DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, database.cursor_key, owner
     )
+    source = await _analytics(request)
     with analytics_time_limit(request.app[SETTINGS]):
-        page = await deployment_stats(_analytics(request), query, database.cursor_key, owner)
+        page = await deployment_stats(source, query, database.cursor_key, owner)
     return page_response(request, page, public_deployment_stats)
 
 
-def _analytics(request: web.Request) -> AsyncDatabase[Doc]:
+async def _analytics(request: web.Request) -> AsyncDatabase[Doc]:
     """Statistics may read from secondaries (MONGODB_ANALYTICS_READ_PREFERENCE)."""
-    return analytics_db(request.app[DB].db, request.app[SETTINGS])
+    return await analytics_source(request.app[DB].db, request.app[SETTINGS])

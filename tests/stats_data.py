@@ -193,6 +193,7 @@ def expected_stats(
         "group_by": list(group_by),
         "interval": interval,
         "tz": tz,
+        "percentiles": "exact",
         "groups": rendered,
         "totals": metrics(docs),
     }

@@ -6,11 +6,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pymongo.read_preferences import Primary, SecondaryPreferred
 
+from service.app import create_app
 from service.database import analytics_db, make_client
 from service.embedded import free_port
 from service.settings import Settings
@@ -110,3 +113,30 @@ async def test_analytics_reads_use_their_read_preference(settings: Settings) -> 
         assert await analytics_db(db, analytics).jobs.count_documents({}) == 0  # it works
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("path", ["/stats/jobs", "/stats/deployments", "/export/jobs"])
+async def test_no_server_for_the_analytics_read_preference_is_a_quick_503(
+    aiohttp_client: Any, settings: Settings, path: str
+) -> None:
+    """`secondary` on a set without one: 503 within MONGODB_TIMEOUT_MS, not after the
+    10-minute analytics time limit (which the driver would also spend selecting a server)."""
+    url = settings.mongodb_url or ""
+    if "directConnection=true" not in url:
+        pytest.skip("needs the embedded database, a one-member replica set")
+    # Without directConnection the driver discovers the set and honours read preferences.
+    discovering = url.replace("directConnection=true", "directConnection=false")
+    slow = settings.model_copy(
+        update={
+            "mongodb_url": discovering,
+            "mongodb_timeout_ms": 1000,
+            "mongodb_analytics_read_preference": "secondary",
+        }
+    )
+    client = await aiohttp_client(create_app(slow))
+    started = time.monotonic()
+    resp = await client.get(path)
+    assert resp.status == 503, await resp.text()
+    assert "Retry-After" in resp.headers
+    assert time.monotonic() - started < 10
+    assert (await client.get("/jobs")).status == 200  # the primary still serves the rest

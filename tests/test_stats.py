@@ -132,6 +132,7 @@ async def test_empty_result(client: Client, jobs: list[Doc]) -> None:
         "group_by": ["deployment_id"],
         "interval": "day",
         "tz": "UTC",
+        "percentiles": "exact",
         "groups": [],
         "totals": {
             "count": 0,
@@ -435,3 +436,30 @@ async def test_statistics_read_with_the_analytics_read_preference(
     body = await get_stats(analytics, group_by="deployment_id")
     assert body["totals"]["count"] == len(generate())
     assert (await get_stats(analytics, "/stats/deployments"))["items"][0]["count"] > 0
+
+
+async def test_groups_too_large_to_rank_exactly_get_approximate_percentiles(
+    client: Client, jobs: list[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MongoDB refuses a $push past 100 MB (code 146): the same statistics come back with
+    $percentile's approximate ranks, and say so; every other figure is still exact."""
+    exact = await get_stats(client, group_by="deployment_id", interval="day")
+    real = stats.job_stats_pipeline
+
+    def refuse_exact(query: stats.StatsQuery, approximate: bool = False) -> list[Doc]:
+        if not approximate:  # what the server answers for an oversized $push
+            return [{"$match": {"$expr": {"$eq": [{"$literal": "x"}, {"$toInt": "x"}]}}}]
+        return real(query, approximate)
+
+    monkeypatch.setattr(stats, "TOO_LARGE_TO_RANK", frozenset({241}))  # ConversionFailure
+    monkeypatch.setattr(stats, "job_stats_pipeline", refuse_exact)
+    approximate = await get_stats(client, group_by="deployment_id", interval="day")
+    assert exact["percentiles"] == "exact" and approximate["percentiles"] == "approximate"
+    for got, want in zip(approximate["groups"], exact["groups"], strict=True):
+        assert got["key"] == want["key"] and got["by_status"] == want["by_status"]
+        for metric in ("queue_time_s", "run_time_s"):
+            a, e = got[metric], want[metric]
+            assert (a["samples"], a["min"], a["max"]) == (e["samples"], e["min"], e["max"])
+            assert a["avg"] == pytest.approx(e["avg"])
+            if e["samples"]:
+                assert e["min"] <= a["p50"] <= a["p95"] <= e["max"]
