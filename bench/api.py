@@ -333,7 +333,7 @@ class Bench:
         # The record just before the deep page, found once, and a cursor pointing past it.
         found = (
             await self.db.jobs.find({})
-            .sort(first.mongo_sort())
+            .sort(first.reads()[0][1])
             .skip(depth - 1)
             .limit(1)
             .to_list(None)
@@ -350,16 +350,7 @@ class Bench:
                 return result.latencies[0] * 1000
 
             async def driver(query: ListQuery) -> float:
-                result = await closed_loop(
-                    1,
-                    lambda _: (
-                        self.db.jobs.find(query.mongo_filter())
-                        .sort(query.mongo_sort())
-                        .limit(query.limit + 1)
-                        .to_list(None)
-                    ),
-                    total=1,
-                )
+                result = await closed_loop(1, lambda _: read_page(self.db.jobs, query), total=1)
                 return result.latencies[0] * 1000
 
             times: dict[str, list[float]] = collections.defaultdict(list)
@@ -490,12 +481,22 @@ async def on_driver(run: Awaitable[LoadResult]) -> LoadResult:
     return result
 
 
+async def read_page(collection: AsyncCollection[Doc], query: ListQuery) -> list[Doc]:
+    """The reads of store.fetch_page, through the driver alone."""
+    docs: list[Doc] = []
+    for flt, order in query.reads():
+        if (wanted := query.limit + 1 - len(docs)) > 0:
+            docs += await collection.find(flt).sort(order).limit(wanted).to_list(None)
+    return docs
+
+
 async def docs_examined(collection: AsyncCollection[Doc], query: ListQuery) -> int:
     """What the database reads for the service's page query: the figure MongoDB scales by."""
-    plan = await (
-        collection.find(query.mongo_filter()).sort(query.mongo_sort()).limit(query.limit + 1)
-    ).explain()
-    return int(plan["executionStats"]["totalDocsExamined"])
+    examined = 0
+    for flt, order in query.reads():
+        plan = await collection.find(flt).sort(order).limit(query.limit + 1).explain()
+        examined += int(plan["executionStats"]["totalDocsExamined"])
+    return examined
 
 
 def take(work: collections.deque[tuple[int, str]]) -> tuple[int, str]:

@@ -1,7 +1,7 @@
 """List queries: filters, sorts, and keyset pagination with signed opaque cursors.
 
 A page is `filter AND (sort key, _id) beyond the last item`, read in index order with a
-limit, so a page deep in a large collection costs the same as the first on MongoDB.
+limit, so a page deep in a large collection costs the same as the first (ListQuery.reads).
 """
 
 from __future__ import annotations
@@ -57,26 +57,38 @@ class ListQuery:
     after: tuple[Any, int] | None = None  # (sort value, _id) of the previous page's last item
     fingerprint: str = ""  # what a cursor is bound to: the filters and the sort
 
-    def mongo_filter(self) -> dict[str, Any]:
+    def reads(self) -> list[tuple[dict[str, Any], list[tuple[str, int]]]]:
+        """The (filter, sort) pairs that read this page, in order, until it is full.
+
+        Each filter is flat (the keyset bound beside the filters, no `$and`/`$or`): both
+        MongoDB and SecantusDB turn that into index bounds, while SecantusDB scans every
+        match of `{"$and": [filter, keyset]}` or an `$or` keyset. After a cursor, a
+        `started_at` sort reads the rest of the last item's tie (same `started_at`,
+        further `_id`s), then what lies beyond it.
+        """
+        direction = -1 if self.descending else 1
+        order = [(self.sort_field, direction), ("_id", direction)]
+        if self.sort_field == "_id":
+            order = order[1:]
         if self.after is None:
-            return self.filter
+            return [(self.filter, order)]
         value, last_id = self.after
         op = "$lt" if self.descending else "$gt"
         if self.sort_field == "_id":
-            keyset: dict[str, Any] = {"_id": {op: last_id}}
-        else:
-            keyset = {
-                "$or": [
-                    {self.sort_field: {op: value}},
-                    {self.sort_field: value, "_id": {op: last_id}},
-                ]
-            }
-        return {"$and": [self.filter, keyset]} if self.filter else keyset
+            return [(_bounded(self.filter, "_id", op, last_id), order)]
+        tie = {**_bounded(self.filter, "_id", op, last_id), self.sort_field: value}
+        beyond = _bounded(self.filter, self.sort_field, op, value)
+        return [(tie, [("_id", direction)]), (beyond, order)]
 
-    def mongo_sort(self) -> list[tuple[str, int]]:
-        direction = -1 if self.descending else 1
-        keys = [self.sort_field, "_id"] if self.sort_field != "_id" else ["_id"]
-        return [(k, direction) for k in keys]
+
+def _bounded(flt: dict[str, Any], name: str, op: str, value: Any) -> dict[str, Any]:
+    """`flt` with `name` also `op` (`$gt`/`$lt`) `value`, still one flat filter."""
+    if "$and" in flt:  # a filter clashing with the owner scope: it matches nothing anyway
+        return {"$and": [flt, {name: {op: value}}]}
+    conditions = dict(flt.get(name, {}))
+    if op in conditions:  # e.g. started_before's $lt: the tighter bound wins
+        value = min(value, conditions[op]) if op == "$lt" else max(value, conditions[op])
+    return {**flt, name: {**conditions, op: value}}
 
 
 def parse_list_query(
@@ -150,7 +162,9 @@ def _add_filter(
         bad = [v for v in values if v not in allowed]
         if bad:
             raise bad_query(name, f"{bad[0]!r} is not one of {', '.join(allowed)}")
-        flt[doc_field] = {"$in": sorted(set(values))}
+        statuses = sorted(set(values))
+        # One status as an equality: SecantusDB scans for any `$in`, even of one value.
+        flt[doc_field] = statuses[0] if len(statuses) == 1 else {"$in": statuses}
     else:
         op = "$gte" if kind == "after" else "$lt"
         flt.setdefault(doc_field, {})[op] = _parse_time(name, value)

@@ -148,9 +148,12 @@ async def fetch_page(
     projection: dict[str, Any] | None = None,
 ) -> Page:
     """One page in index order; one extra document tells whether there is a next page."""
-    cursor = collection.find(query.mongo_filter(), projection)
-    cursor = cursor.sort(query.mongo_sort()).limit(query.limit + 1)
-    docs = await cursor.to_list(None)
+    docs: list[Doc] = []
+    for flt, order in query.reads():
+        wanted = query.limit + 1 - len(docs)
+        if wanted <= 0:
+            break
+        docs += await collection.find(flt, projection).sort(order).limit(wanted).to_list(None)
     more = len(docs) > query.limit
     items = docs[: query.limit]
     next_cursor = encode_cursor(query, items[-1], key) if more else None
