@@ -13,8 +13,8 @@ from . import auth, deployments, imports, jobs, metrics, results, stats
 from .database import DB, Database, cursor_secret, init_database, make_client
 from .embedded import EmbeddedDatabase, embedded_server
 from .errors import RETRY_AFTER_S, DatabaseUnavailable, problem_middleware
-from .http import MAX_JSON_BODY, json_response
-from .logs import add_request_id_header, request_middleware
+from .http import HEADER_LIMITS, MAX_JSON_BODY, json_response
+from .logs import add_request_id_header, install_log_redaction, request_middleware
 from .settings import SETTINGS, Settings
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,10 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[request_middleware, problem_middleware],
         client_max_size=MAX_JSON_BODY,
-        handler_args=auth.HEADER_LIMITS,
+        handler_args=HEADER_LIMITS,
     )
     app.on_response_prepare.append(add_request_id_header)
+    install_log_redaction()
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
     auth.setup(app, settings)  # after the problem middleware and the database

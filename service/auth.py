@@ -11,10 +11,7 @@ adopt the rules with one call each:
   (omitted: the caller; another user: 403 unless admin);
 - `same_owner(request, user_id)`: the filter a referenced record (a job's deployment) must
   match, so links never cross owners;
-- `require_admin(request)`: for endpoints about the whole service (e.g. /metrics);
-- `body_deadline(request)`: around every read of a whole request body (a slow body is 408);
-  for streamed bodies, where a total deadline would cut off large uploads, each read must
-  finish within it: `read_deadline(request, read)` or `deadline_stream(request)`.
+- `require_admin(request)`: for endpoints about the whole service (e.g. /metrics).
 
 A credential is SERVICE_ADMIN_KEY, an OIDC bearer JWT or an API key (stored by keys.py).
 Verified keys are cached in-process for `KEY_CACHE_TTL_S`: a revoked key stops working
@@ -33,16 +30,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import jwt
-from aiohttp import StreamReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 
 from .database import DB, Doc
-from .errors import Forbidden, RequestTimeout, TooManyRequests, Unauthorized, invalid
+from .errors import Forbidden, TooManyRequests, Unauthorized, invalid
 from .keys import (
     ENV_ADMIN_USER,
     KEY_CACHE_TTL_S,
@@ -51,7 +47,7 @@ from .keys import (
     hash_secret,
     split_key,
 )
-from .settings import SETTINGS, Settings
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +58,6 @@ JWT_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )  # asymmetric only: "none" and HMAC algorithms (key confusion) are never accepted
 JWKS_MAX_AGE_S = 3600.0
-# aiohttp's parser answers 400 (plain text, before any middleware) beyond these.
-HEADER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
 
 
 @dataclass(frozen=True)
@@ -125,71 +119,7 @@ def require_admin(request: web.Request) -> None:
         raise Forbidden("Only an admin may use this endpoint.")
 
 
-# --- hardening -----------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def body_deadline(request: web.Request) -> AsyncIterator[None]:
-    """A body not received within BODY_TIMEOUT_S is a 408 (and the connection closes)."""
-    deadline = asyncio.timeout(request.app[SETTINGS].body_timeout_s)
-    try:
-        async with deadline:
-            yield
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        raise RequestTimeout(
-            "The request body did not arrive in time.", headers={"Connection": "close"}
-        ) from None
-
-
-def read_deadline(
-    request: web.Request, read: Callable[[int], Awaitable[bytes]]
-) -> Callable[[int], Awaitable[bytes]]:
-    """For streamed bodies (no total deadline: files may be large): each read must finish
-    within BODY_TIMEOUT_S, so a stalled upload ends in 408 instead of holding on forever."""
-
-    async def timed(n: int) -> bytes:
-        async with body_deadline(request):
-            return await read(n)
-
-    return timed
-
-
-class _DeadlineStream:
-    """`request.content`, for readers that use `readany` (bulk imports), with a deadline
-    on each read."""
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-
-    async def readany(self) -> bytes:
-        async with body_deadline(self.request):
-            return await self.request.content.readany()
-
-
-def deadline_stream(request: web.Request) -> StreamReader:
-    """The request body as a stream whose every `readany` must finish within
-    BODY_TIMEOUT_S (only `readany` is offered)."""
-    return cast(StreamReader, _DeadlineStream(request))
-
-
-class RedactParseErrors(logging.Filter):
-    """aiohttp logs a malformed or oversized request line or header with its start, which
-    may be an Authorization header: keep the log line, drop the quoted bytes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.msg = f"{record.msg}: {exc.__class__.__name__} (its text is not logged)"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def install_log_redaction() -> None:
-    logger = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, RedactParseErrors) for f in logger.filters):
-        logger.addFilter(RedactParseErrors())
+# --- failed authentications -------------------------------------------------------------
 
 
 class FailureLimiter:
@@ -456,4 +386,3 @@ def setup(app: web.Application, settings: Settings) -> None:
     app[AUTH] = Authenticator(settings)
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(auth_ctx)
-    install_log_redaction()
