@@ -51,7 +51,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.yaml"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.yaml"})  # ops.py: probes, the spec
 KEY_CACHE_SIZE = 1024
 MAX_CREDENTIAL = 8192  # longer than any key or sane JWT; refused without parsing
 JWT_ALGORITHMS = frozenset(
