@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 
 import aiohttp
 
-from service.auth import Authenticator, create_key, new_key
+from service.auth import Authenticator
+from service.keys import create_key, new_key
 from service.settings import Settings
 
 from .common import BenchEnv, Row, closed_loop

@@ -13,8 +13,8 @@ from pymongo.errors import PyMongoError
 
 from . import cli
 from .app import create_app
-from .auth import add_keys_command, keys_command
 from .embedded import EmbeddedDatabaseError
+from .keys import add_keys_command, keys_command
 from .logs import configure_logging
 from .settings import Settings
 from .sweep import add_sweep_command, sweep_command

@@ -1,4 +1,4 @@
-"""Who is asking, and what they may see: API keys, OIDC bearer JWTs, ownership, hardening.
+"""Who is asking, and what they may see: principals, ownership, OIDC, the auth middleware.
 
 Every request outside `PUBLIC_PATHS` must carry `Authorization: Bearer <credential>`;
 `auth_middleware` turns it into a `Principal` at `request[PRINCIPAL]`. Resource modules
@@ -11,64 +11,53 @@ adopt the rules with one call each:
   (omitted: the caller; another user: 403 unless admin);
 - `same_owner(request, user_id)`: the filter a referenced record (a job's deployment) must
   match, so links never cross owners;
-- `require_admin(request)`: for endpoints about the whole service (e.g. /metrics);
-- `body_deadline(request)`: around every read of a whole request body (a slow body is 408);
-  for streamed bodies, where a total deadline would cut off large uploads, each read must
-  finish within it: `read_deadline(request, read)` or `deadline_stream(request)`.
+- `require_admin(request)`: for endpoints about the whole service (e.g. /metrics).
 
-API keys look like `jsk_<key_id>_<secret>`; the database keeps only a salted SHA-256 of
-the secret (the secret is 256 random bits, so a slow hash would add nothing). Verified
-keys are cached in-process for `KEY_CACHE_TTL_S`: a revoked key stops working within
-that time on every instance.
+A credential is SERVICE_ADMIN_KEY, an OIDC bearer JWT or an API key (stored by keys.py).
+Verified keys are cached in-process for `KEY_CACHE_TTL_S`: a revoked key stops working
+within that time on every instance.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hashlib
 import hmac
 import logging
 import math
-import os
-import secrets
-import string
-import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import jwt
-from aiohttp import StreamReader, web
-from aiohttp.http_exceptions import HttpProcessingError
-from pymongo import ReturnDocument
+from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 
-from .database import DB, Doc, cli_database, run_database_command
-from .errors import Forbidden, RequestTimeout, TooManyRequests, Unauthorized, invalid
-from .settings import SETTINGS, Settings
+from .database import DB, Doc
+from .errors import Forbidden, TooManyRequests, Unauthorized, invalid
+from .keys import (
+    ENV_ADMIN_USER,
+    KEY_CACHE_TTL_S,
+    ensure_first_key,
+    find_key,
+    hash_secret,
+    split_key,
+)
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.yaml"})
-KEY_PREFIX = "jsk_"
-KEY_CACHE_TTL_S = 10.0
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.yaml"})  # ops.py: probes, the spec
 KEY_CACHE_SIZE = 1024
 MAX_CREDENTIAL = 8192  # longer than any key or sane JWT; refused without parsing
-ADMIN_KEY_FILE = "admin-key"
-ENV_ADMIN_USER = "admin"  # the user SERVICE_ADMIN_KEY and the first-start key act as
 JWT_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )  # asymmetric only: "none" and HMAC algorithms (key confusion) are never accepted
 JWKS_MAX_AGE_S = 3600.0
-# aiohttp's parser answers 400 (plain text, before any middleware) beyond these.
-HEADER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
 
 
 @dataclass(frozen=True)
@@ -130,71 +119,7 @@ def require_admin(request: web.Request) -> None:
         raise Forbidden("Only an admin may use this endpoint.")
 
 
-# --- hardening -----------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def body_deadline(request: web.Request) -> AsyncIterator[None]:
-    """A body not received within BODY_TIMEOUT_S is a 408 (and the connection closes)."""
-    deadline = asyncio.timeout(request.app[SETTINGS].body_timeout_s)
-    try:
-        async with deadline:
-            yield
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        raise RequestTimeout(
-            "The request body did not arrive in time.", headers={"Connection": "close"}
-        ) from None
-
-
-def read_deadline(
-    request: web.Request, read: Callable[[int], Awaitable[bytes]]
-) -> Callable[[int], Awaitable[bytes]]:
-    """For streamed bodies (no total deadline: files may be large): each read must finish
-    within BODY_TIMEOUT_S, so a stalled upload ends in 408 instead of holding on forever."""
-
-    async def timed(n: int) -> bytes:
-        async with body_deadline(request):
-            return await read(n)
-
-    return timed
-
-
-class _DeadlineStream:
-    """`request.content`, for readers that use `readany` (bulk imports), with a deadline
-    on each read."""
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-
-    async def readany(self) -> bytes:
-        async with body_deadline(self.request):
-            return await self.request.content.readany()
-
-
-def deadline_stream(request: web.Request) -> StreamReader:
-    """The request body as a stream whose every `readany` must finish within
-    BODY_TIMEOUT_S (only `readany` is offered)."""
-    return cast(StreamReader, _DeadlineStream(request))
-
-
-class RedactParseErrors(logging.Filter):
-    """aiohttp logs a malformed or oversized request line or header with its start, which
-    may be an Authorization header: keep the log line, drop the quoted bytes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.msg = f"{record.msg}: {exc.__class__.__name__} (its text is not logged)"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def install_log_redaction() -> None:
-    logger = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, RedactParseErrors) for f in logger.filters):
-        logger.addFilter(RedactParseErrors())
+# --- failed authentications -------------------------------------------------------------
 
 
 class FailureLimiter:
@@ -226,61 +151,7 @@ class FailureLimiter:
             self._failures.popitem(last=False)
 
 
-# --- API keys ------------------------------------------------------------------------------
-
-
-def _hash(salt: str, secret: str) -> str:
-    return hashlib.sha256((salt + secret).encode()).hexdigest()
-
-
-def new_key(user_id: str, admin: bool, name: str | None) -> tuple[str, Doc]:
-    """A fresh key's text (shown once) and the document that stores only its hash."""
-    key_id, secret, salt = secrets.token_hex(8), secrets.token_urlsafe(32), secrets.token_hex(16)
-    doc = {
-        "_id": key_id,
-        "salt": salt,
-        "hash": _hash(salt, secret),
-        "user_id": user_id,
-        "admin": admin,
-        "name": name,
-        "created": datetime.now(UTC),
-        "revoked_at": None,
-    }
-    return f"{KEY_PREFIX}{key_id}_{secret}", doc
-
-
-def split_key(text: str) -> tuple[str, str] | None:
-    """`jsk_<16 hex>_<secret>` into (key_id, secret); None for anything else."""
-    if not text.startswith(KEY_PREFIX):
-        return None
-    key_id, sep, secret = text[len(KEY_PREFIX) :].partition("_")
-    if not sep or not secret or len(key_id) != 16 or not set(key_id) <= set(string.hexdigits):
-        return None
-    return key_id.lower(), secret
-
-
-async def create_key(
-    db: AsyncDatabase[Doc], user_id: str, admin: bool, name: str | None = None
-) -> tuple[str, Doc]:
-    key, doc = new_key(user_id, admin, name)
-    await db.api_keys.insert_one(doc)
-    return key, doc
-
-
-async def list_keys(db: AsyncDatabase[Doc]) -> list[Doc]:
-    """Every key without its salt and hash."""
-    cursor = db.api_keys.find({}, {"salt": 0, "hash": 0}).sort([("created", 1), ("_id", 1)])
-    return await cursor.to_list(None)
-
-
-async def revoke_key(db: AsyncDatabase[Doc], key_id: str) -> Doc | None:
-    """Mark a key revoked (kept for the record); None if there is no such unrevoked key."""
-    return await db.api_keys.find_one_and_update(
-        {"_id": key_id, "revoked_at": None},
-        {"$set": {"revoked_at": datetime.now(UTC)}},
-        projection={"salt": 0, "hash": 0},
-        return_document=ReturnDocument.AFTER,
-    )
+# --- verified keys -------------------------------------------------------------------------
 
 
 @dataclass
@@ -439,11 +310,11 @@ class Authenticator:
         now = time.monotonic()
         entry = self.keys.get(key_id, now)
         if entry is None:
-            doc = await db.api_keys.find_one({"_id": key_id, "revoked_at": None})
+            doc = await find_key(db, key_id)
             if doc is None:
                 return None
             entry = self.keys.put(key_id, doc, now)
-        if not hmac.compare_digest(_hash(entry.salt, secret).encode(), entry.hash.encode()):
+        if not hmac.compare_digest(hash_secret(entry.salt, secret).encode(), entry.hash.encode()):
             return None
         return entry.principal
 
@@ -510,99 +381,8 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def ensure_first_key(db: AsyncDatabase[Doc], data_dir: Path) -> None:
-    """When no key exists at all, create an admin key and leave it in DATA_DIR/admin-key."""
-    if await db.api_keys.find_one({}, {"_id": 1}) is not None:
-        return
-    key, doc = new_key(ENV_ADMIN_USER, True, "created at first start")
-    path = data_dir / ADMIN_KEY_FILE
-    try:
-        write_private(path, key + "\n")
-    except OSError as exc:
-        log.error(
-            "no API key exists and %s cannot be written (%s): set SERVICE_ADMIN_KEY or run "
-            "`python -m service keys create --user admin --admin`",
-            path,
-            exc.__class__.__name__,
-        )
-        return
-    await db.api_keys.insert_one(doc)
-    log.warning(
-        "no API key existed: created an admin key, written to %s (mode 0600)", path.resolve()
-    )
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read, replacing it atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def setup(app: web.Application, settings: Settings) -> None:
     """Install authentication on `app`: after the problem middleware, after the database."""
     app[AUTH] = Authenticator(settings)
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(auth_ctx)
-    install_log_redaction()
-
-
-# --- command line: python -m service keys ... ------------------------------------------------
-
-
-def add_keys_command(commands: Any) -> None:
-    """Register `keys create|list|revoke` on the top-level subparsers."""
-    keys = commands.add_parser("keys", help="manage API keys (talks to the database directly)")
-    actions = keys.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="create a key and print it (only this once)")
-    create.add_argument("--user", required=True, help="the user the key acts as")
-    create.add_argument("--admin", action="store_true", help="the key sees every user's records")
-    create.add_argument("--name", help="a note to recognise the key by")
-    actions.add_parser("list", help="list keys (never their secrets)")
-    revoke = actions.add_parser("revoke", help="revoke a key by its id")
-    revoke.add_argument("key_id", metavar="ID")
-
-
-def keys_command(args: argparse.Namespace, settings: Settings) -> int:
-    return run_database_command(_keys(args, settings))
-
-
-async def _keys(args: argparse.Namespace, settings: Settings) -> int:
-    if args.action == "create" and not 0 < len(args.user) <= 200:
-        print("--user must be 1 to 200 characters", file=sys.stderr)
-        return 2
-    async with cli_database(settings) as db:
-        if args.action == "create":
-            key, doc = await create_key(db, args.user, args.admin, args.name)
-            print(
-                f"created key {doc['_id']} for user {args.user!r}"
-                f"{' (admin)' if args.admin else ''}; it is shown only this once:",
-                file=sys.stderr,
-            )
-            print(key)
-        elif args.action == "list":
-            print(f"{'ID':16}  {'USER':20}  ADMIN  {'CREATED':20}  {'REVOKED':20}  NAME")
-            for doc in await list_keys(db):
-                revoked = doc.get("revoked_at")
-                print(
-                    f"{doc['_id']:16}  {doc['user_id']:20}  {'yes' if doc['admin'] else 'no':5}  "
-                    f"{doc['created']:%Y-%m-%dT%H:%M:%SZ}  "
-                    f"{f'{revoked:%Y-%m-%dT%H:%M:%SZ}' if revoked else '-':20}  "
-                    f"{doc.get('name') or ''}"
-                )
-        else:
-            if await revoke_key(db, args.key_id) is None:
-                print(f"no unrevoked key with id {args.key_id!r}", file=sys.stderr)
-                return 1
-            print(
-                f"revoked key {args.key_id}; running services stop accepting it within "
-                f"{KEY_CACHE_TTL_S:g} s",
-                file=sys.stderr,
-            )
-    return 0

@@ -1,21 +1,32 @@
-"""Small request/response helpers shared by the resource modules."""
+"""Small request/response helpers shared by the resource modules, and the limits every
+request is read within.
+
+- `body_deadline(request)`: around every read of a whole request body (a slow body is 408);
+  for streamed bodies, where a total deadline would cut off large uploads, each read must
+  finish within it: `read_deadline(request, read)` or `deadline_stream(request)`;
+- `HEADER_LIMITS`: the request line and header sizes aiohttp's parser accepts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 
-from .auth import body_deadline
-from .errors import BadRequest, NotFound, UnsupportedMediaType, bad_query
+from .errors import BadRequest, NotFound, RequestTimeout, UnsupportedMediaType, bad_query
 from .schemas import M, validate_body
+from .settings import SETTINGS
 from .store import Page
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 MAX_JSON_BODY = 2 * 1024 * 1024
+# aiohttp's parser answers 400 (plain text, before any middleware) beyond these.
+HEADER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
 
 
 def json_response(
@@ -98,3 +109,52 @@ def query_flag(request: web.Request, name: str) -> bool:
     if len(values) > 1 or values[0] not in ("true", "false"):
         raise bad_query(name, "must be given once, as true or false")
     return values[0] == "true"
+
+
+# --- body deadlines ----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def body_deadline(request: web.Request) -> AsyncIterator[None]:
+    """A body not received within BODY_TIMEOUT_S is a 408 (and the connection closes)."""
+    deadline = asyncio.timeout(request.app[SETTINGS].body_timeout_s)
+    try:
+        async with deadline:
+            yield
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise RequestTimeout(
+            "The request body did not arrive in time.", headers={"Connection": "close"}
+        ) from None
+
+
+def read_deadline(
+    request: web.Request, read: Callable[[int], Awaitable[bytes]]
+) -> Callable[[int], Awaitable[bytes]]:
+    """For streamed bodies (no total deadline: files may be large): each read must finish
+    within BODY_TIMEOUT_S, so a stalled upload ends in 408 instead of holding on forever."""
+
+    async def timed(n: int) -> bytes:
+        async with body_deadline(request):
+            return await read(n)
+
+    return timed
+
+
+class _DeadlineStream:
+    """`request.content`, for readers that use `readany` (bulk imports), with a deadline
+    on each read."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+
+    async def readany(self) -> bytes:
+        async with body_deadline(self.request):
+            return await self.request.content.readany()
+
+
+def deadline_stream(request: web.Request) -> StreamReader:
+    """The request body as a stream whose every `readany` must finish within
+    BODY_TIMEOUT_S (only `readany` is offered)."""
+    return cast(StreamReader, _DeadlineStream(request))

@@ -49,10 +49,10 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from .auth import ANONYMOUS_ADMIN, Principal, deadline_stream, owner_filter, principal
+from .auth import ANONYMOUS_ADMIN, Principal, owner_filter, principal
 from .database import DB, Doc, analytics_source, analytics_time_limit, ensure_counter, next_ids
 from .errors import BadRequest, Problem, UnsupportedMediaType, ValidationFailed, bad_query
-from .http import check_query, json_response
+from .http import check_query, deadline_stream, json_response
 from .lifecycle import TERMINAL, TaskStatus, default_history, history_problem
 from .merge_patch import MAX_DATA_DEPTH, data_errors
 from .metrics import IMPORT_ROWS

@@ -8,7 +8,8 @@ handled, through a context variable, so one grep finds everything about one requ
 The access log replaces aiohttp's: one line per request with the method, the route template
 (`/jobs/{job_id}`, never the raw path), the status and the duration; the same middleware
 feeds those figures to the HTTP metrics. Never log bodies, headers or settings that may
-hold secrets.
+hold secrets; `install_log_redaction` keeps aiohttp from logging the start of a malformed
+header (which may be an Authorization header).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .metrics import HTTP_IN_FLIGHT, observe_request
 
@@ -88,6 +90,24 @@ def configure_logging(level: str) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # pymongo's DEBUG command log carries whole documents, i.e. request bodies.
     logging.getLogger("pymongo").setLevel(max(logging.INFO, logging.getLevelName(level)))
+
+
+class RedactParseErrors(logging.Filter):
+    """aiohttp logs a malformed or oversized request line or header with its start, which
+    may be an Authorization header: keep the log line, drop the quoted bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.msg}: {exc.__class__.__name__} (its text is not logged)"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def install_log_redaction() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RedactParseErrors) for f in logger.filters):
+        logger.addFilter(RedactParseErrors())
 
 
 def valid_request_id(value: str) -> bool:

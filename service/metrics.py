@@ -1,27 +1,22 @@
-"""Prometheus metrics, served at `GET /metrics` in the text format 0.0.4.
+"""Prometheus metrics, the series and how they are fed; served at `GET /metrics` (ops.py)
+in the text format 0.0.4.
 
 - HTTP: requests and their latency by method, route template and status (templates, never
   raw paths, keep the label set small);
 - database: the latency of every command the driver sends, by command name and outcome
   (a pymongo `CommandListener` that `database.make_client` registers);
-- jobs by status: counted with one `$group` when /metrics is scraped (bounded by a short
-  timeout; when the database does not answer the gauge is left out and
-  `jobservice_database_up` is 0);
+- jobs by status: `JOBS` and `DATABASE_UP`, set by ops.py when /metrics is scraped;
 - import rows: `IMPORT_ROWS`, a counter the bulk import increments:
   `IMPORT_ROWS.labels(kind="jobs", outcome="inserted").inc(n)`, with `kind` one of
   `deployments`, `jobs` and `outcome` one of `inserted`, `replaced`, `skipped`, `failed`.
 
 Metrics live in prometheus_client's default registry (one per process, like the process
-metrics it adds), so several apps in one process (the tests) share them.
+metrics it adds), so several apps in one process (the tests) share them. A leaf module:
+the modules that feed it import it, so it imports nothing of the service.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-import pymongo
-from aiohttp import web
 from prometheus_client import (
     REGISTRY,
     Counter,
@@ -32,17 +27,10 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pymongo import monitoring
-from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
-
-from .lifecycle import TaskStatus
-
-log = logging.getLogger(__name__)
 
 # No `*_created` series: they double the page and few dashboards use them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
-JOBS_COUNT_TIMEOUT_S = 2.0
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LABELS = ["method", "route", "status"]
 
@@ -116,36 +104,6 @@ def _http_series(method: str, route: str, status: int) -> tuple[Counter, Histogr
     return series
 
 
-async def count_jobs(db: AsyncDatabase[dict[str, Any]]) -> bool:
-    """Set the jobs-by-status gauge from one `$group`; False when the database did not answer."""
-    pipeline = [{"$group": {"_id": "$task_status", "n": {"$sum": 1}}}]
-    try:
-        with pymongo.timeout(JOBS_COUNT_TIMEOUT_S):
-            rows = await (await db.jobs.aggregate(pipeline)).to_list(None)
-    except PyMongoError as exc:
-        log.warning("could not count jobs for /metrics: %s", exc.__class__.__name__)
-        JOBS.clear()
-        DATABASE_UP.set(0)
-        return False
-    counts = dict.fromkeys((str(s) for s in TaskStatus), 0)
-    for row in rows:
-        if row["_id"] in counts:
-            counts[row["_id"]] = int(row["n"])
-    for status, n in counts.items():
-        JOBS.labels(status).set(n)
-    DATABASE_UP.set(1)
-    return True
-
-
-routes = web.RouteTableDef()
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    # Imported here: database imports this module (for COMMAND_METRICS) at its top.
-    from .auth import require_admin
-    from .database import DB
-
-    require_admin(request)  # the figures cover every user's records
-    await count_jobs(request.app[DB].db)
-    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE})
+def exposition() -> bytes:
+    """Every metric of the process, in the text format `CONTENT_TYPE` names."""
+    return generate_latest(REGISTRY)

@@ -36,7 +36,7 @@ from gridfs import DEFAULT_CHUNK_SIZE, AsyncGridFSBucket, NoFile
 from gridfs.asynchronous.grid_file import AsyncGridOut
 from pymongo.asynchronous.database import AsyncDatabase
 
-from .auth import owner_filter, read_deadline
+from .auth import owner_filter
 from .database import DB, Doc
 from .errors import (
     BadRequest,
@@ -51,7 +51,7 @@ from .errors import (
     error,
     invalid,
 )
-from .http import check_query, json_response, path_id
+from .http import check_query, json_response, path_id, read_deadline
 from .merge_patch import data_errors
 from .models import BUCKET, CHUNKS, FILES
 from .schemas import MAX_NAME, error_summary, public_result

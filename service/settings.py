@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     auth_failures_per_minute: int = Field(
         20, ge=1, description="Failed authentications per client address per minute before 429."
     )
+
+    # --- request limits (service/http.py) ---
     body_timeout_s: float = Field(
         30.0, gt=0, description="A request body not fully received by then is answered 408."
     )

@@ -19,9 +19,9 @@ from pymongo import MongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
-from service.auth import ADMIN_KEY_FILE, create_key
 from service.database import DB
 from service.embedded import secantusd_process
+from service.keys import ADMIN_KEY_FILE, create_key
 from service.settings import Settings
 from tests.helpers import Client, Users
 

@@ -27,19 +27,11 @@ from pydantic import SecretStr, ValidationError
 from pymongo import MongoClient
 
 from service.app import create_app
-from service.auth import (
-    ADMIN_KEY_FILE,
-    AUTH,
-    FailureLimiter,
-    KeyCache,
-    create_key,
-    list_keys,
-    revoke_key,
-    split_key,
-)
+from service.auth import AUTH, FailureLimiter, KeyCache
 from service.cli import export_file, import_file
 from service.database import DB
 from service.embedded import PORT_FILE
+from service.keys import ADMIN_KEY_FILE, create_key, list_keys, revoke_key, split_key
 from service.settings import Settings
 from tests.helpers import Client, Users
 from tests.test_openapi import conforms
