@@ -83,7 +83,11 @@ class Service:
         return lines
 
 
-def start_service(tmp_path: Path, name: str, **env: str) -> Service:
+def spawn_service(
+    tmp_path: Path, name: str, env: dict[str, str], new_session: bool = False
+) -> Service:
+    """Start `python -m service serve`, without waiting (`new_session`: its own process
+    group, for a test to kill it whole)."""
     port = free_port()
     base = {k: v for k, v in os.environ.items() if k != "MONGODB_URL"}
     # The default MONGODB_TIMEOUT_MS: a shorter one lets a busy machine's slow heartbeat
@@ -98,8 +102,18 @@ def start_service(tmp_path: Path, name: str, **env: str) -> Service:
             env=full_env,
             stdout=log_file,
             stderr=log_file,
+            start_new_session=new_session,
         )
-    service = Service(proc, f"http://127.0.0.1:{port}", log_path)
+    return Service(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def start_service(tmp_path: Path, name: str, **env: str) -> Service:
+    return ready(spawn_service(tmp_path, name, env))
+
+
+def ready(service: Service) -> Service:
+    """Wait until /readyz answers 200."""
+    proc, log_path = service.proc, service.log_path
     deadline = time.monotonic() + START
     while True:
         try:
