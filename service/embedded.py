@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -38,6 +40,8 @@ LOCAL_URL_OPTIONS = "directConnection=true&retryWrites=false"
 
 
 PORT_FILE = "secantusd.port"  # in DATA_DIR while the embedded server runs
+LOCK_FILE = "service.lock"  # in DATA_DIR: flock'ed by the process running its database
+PID_FILE = "secantusd.pid"  # in DATA_DIR: the database child, left behind by a kill -9
 
 
 class EmbeddedDatabaseError(RuntimeError):
@@ -71,8 +75,8 @@ async def wait_until_ready(url: str, timeout_s: float, proc: asyncio.subprocess.
         while True:
             if proc.returncode is not None:
                 raise EmbeddedDatabaseError(
-                    f"the embedded database exited with code {proc.returncode} at start; "
-                    "is another instance using the same DATA_DIR?"
+                    f"the embedded database exited with code {proc.returncode} at start "
+                    "(see secantusd.log in DATA_DIR)"
                 )
             with contextlib.suppress(Exception):
                 await client.admin.command("ping")
@@ -128,6 +132,75 @@ def _die_with_parent() -> Callable[[], None] | None:
 DIE_WITH_PARENT = _die_with_parent()
 
 
+def lock_data_dir(data_dir: Path) -> int:
+    """Take DATA_DIR for this process, or fail at once naming the process that has it.
+
+    A kernel lock (flock) rather than a pid file alone: it goes with its process however
+    that dies, so after a kill -9 it is free at once, and a stale pid is never believed.
+    The file descriptor is not inherited, so the database child does not hold it.
+    """
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise EmbeddedDatabaseError(
+            f"{data_dir} is in use by another service process (pid {holder}: `serve` or a "
+            "command with its own embedded database); stop it or use another DATA_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def previous_database(data_dir: Path) -> int | None:
+    """The pid of a database child a killed service left running on `data_dir`, if any.
+
+    When a service is killed (kill -9, the OOM killer), its child gets SIGTERM (parent-death
+    signal) and closes its files cleanly, which under load takes seconds: until then it
+    holds WiredTiger's lock on them. Only called with DATA_DIR locked, so no live service
+    owns it; the command line is checked in case the pid was reused.
+    """
+    try:
+        pid = int((data_dir / PID_FILE).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None  # no pid file, not running, or not Linux
+    is_ours = any(arg.endswith(b"secantusd-py") for arg in cmdline) and (
+        str(data_dir / "db").encode() in cmdline
+    )
+    return pid if is_ours and state != "Z" else None  # a zombie holds no files
+
+
+async def wait_for_previous_database(data_dir: Path, deadline: float) -> None:
+    """Wait until the database child of a killed service has exited (see above)."""
+    pid = previous_database(data_dir)
+    if pid is None:
+        return
+    # Not signalled again: it had SIGTERM from the kernel, and a second one would re-enter
+    # its handler in the middle of closing its files.
+    log.warning(
+        "waiting for the previous embedded database (secantusd-py, pid %d) to exit: "
+        "its service was killed and it still holds %s",
+        pid,
+        data_dir,
+        extra={"previous_embedded_pid": pid},
+    )
+    loop, started = asyncio.get_running_loop(), asyncio.get_running_loop().time()
+    while previous_database(data_dir) == pid:
+        if loop.time() > deadline:
+            raise EmbeddedDatabaseError(
+                f"the previous embedded database (secantusd-py, pid {pid}) still holds "
+                f"{data_dir} after {loop.time() - started:.0f}s"
+            )
+        await asyncio.sleep(0.1)
+    log.info(
+        "the previous embedded database (pid %d) exited after %.1fs", pid, loop.time() - started
+    )
+
+
 def local_url(port: int, journal: bool = False) -> str:
     """A secantusd-py on this machine's loopback (`journal`: writes acknowledged once logged)."""
     return f"mongodb://127.0.0.1:{port}/?{LOCAL_URL_OPTIONS}" + ("&journal=true" if journal else "")
@@ -141,8 +214,26 @@ async def embedded_server(
 
     While it runs, a background task watches it and logs an error if it exits; on the way
     out it is stopped with SIGTERM (so it closes its files cleanly), SIGKILL after 15 s.
+    DATA_DIR stays locked by this process meanwhile. Waiting at start for the database of
+    a killed service to exit counts against `timeout_s`.
     """
+    deadline = asyncio.get_running_loop().time() + timeout_s
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, at start)
+    lock_fd = lock_data_dir(data_dir)
+    try:
+        await wait_for_previous_database(data_dir, deadline)
+        # At least a moment to answer, even when the wait took nearly all of it.
+        remaining = max(deadline - asyncio.get_running_loop().time(), 1.0)
+        async with _run_server(data_dir, remaining, journal) as embedded:
+            yield embedded
+    finally:
+        os.close(lock_fd)  # releases the lock
+
+
+@contextlib.asynccontextmanager
+async def _run_server(
+    data_dir: Path, timeout_s: float, journal: bool
+) -> AsyncIterator[EmbeddedDatabase]:
     port = free_port()
     log_file = (data_dir / "secantusd.log").open("ab")
     # The port is chosen per start; storage persists across restarts.
@@ -164,10 +255,11 @@ async def embedded_server(
     # journal=true: a write is acknowledged only once it is in the database's log, so an
     # acknowledged write survives the child dying (without it, the last ~second is lost).
     url = local_url(port, journal)
-    port_file = data_dir / PORT_FILE
+    port_file, pid_file = data_dir / PORT_FILE, data_dir / PID_FILE
     embedded = EmbeddedDatabase(url, proc, data_dir)
     watcher: asyncio.Task[None] | None = None
     try:
+        pid_file.write_text(f"{proc.pid}\n")  # for the next start, after a kill -9
         await wait_until_ready(embedded.url, timeout_s, proc)
         port_file.write_text(f"{port}\n")  # for `keys` commands
         log.info(
@@ -190,6 +282,7 @@ async def embedded_server(
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        pid_file.unlink(missing_ok=True)
         log_file.close()
         log.info("embedded database stopped (exit code %s)", proc.returncode)
 

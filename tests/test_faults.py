@@ -83,7 +83,11 @@ class Service:
         return lines
 
 
-def start_service(tmp_path: Path, name: str, **env: str) -> Service:
+def spawn_service(
+    tmp_path: Path, name: str, env: dict[str, str], new_session: bool = False
+) -> Service:
+    """Start `python -m service serve`, without waiting (`new_session`: its own process
+    group, for a test to kill it whole)."""
     port = free_port()
     base = {k: v for k, v in os.environ.items() if k != "MONGODB_URL"}
     # The default MONGODB_TIMEOUT_MS: a shorter one lets a busy machine's slow heartbeat
@@ -98,8 +102,18 @@ def start_service(tmp_path: Path, name: str, **env: str) -> Service:
             env=full_env,
             stdout=log_file,
             stderr=log_file,
+            start_new_session=new_session,
         )
-    service = Service(proc, f"http://127.0.0.1:{port}", log_path)
+    return Service(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def start_service(tmp_path: Path, name: str, **env: str) -> Service:
+    return ready(spawn_service(tmp_path, name, env))
+
+
+def ready(service: Service) -> Service:
+    """Wait until /readyz answers 200."""
+    proc, log_path = service.proc, service.log_path
     deadline = time.monotonic() + START
     while True:
         try:
@@ -361,6 +375,74 @@ async def test_service_killed_its_embedded_database_follows_and_it_starts_again(
             http, "GET", f"{second.url}/deployments/{dep['deployment_id']}"
         )
         assert status == 200 and again == dep
+
+
+async def test_kill_9_under_load_then_the_first_restart_comes_up_with_every_write(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """`kill -9` of the service's process group, restarted at once (a supervisor): the old
+    database, stopping on its parent-death signal, still holds DATA_DIR for a few seconds."""
+    data_dir = str(tmp_path / "data")
+    env = {"DATA_DIR": data_dir, "AUTH": "disabled"}
+    first = ready(spawn_service(tmp_path, "first", env, new_session=True))
+    with running(first):
+        (started,) = [line for line in first.logs() if "embedded_pid" in line]
+        acknowledged: list[int] = []
+
+        async def client() -> None:
+            """Create deployments until the service is gone; remember each 201."""
+            while True:
+                try:
+                    status, _, dep = await call(
+                        http, "POST", f"{first.url}/deployments", {"user_id": "alice"}
+                    )
+                except aiohttp.ClientConnectionError:
+                    return  # killed
+                assert status == 201, dep
+                acknowledged.append(dep["deployment_id"])
+
+        clients = [asyncio.create_task(client()) for _ in range(8)]
+        deadline = time.monotonic() + START
+        while len(acknowledged) < 400:  # under load: every client is busy
+            assert time.monotonic() < deadline and not any(c.done() for c in clients)
+            await asyncio.sleep(0.01)
+        os.killpg(first.proc.pid, signal.SIGKILL)  # its own group: the service's process
+        # Still shutting down: without this the restart below would not test the wait.
+        assert alive(started["embedded_pid"])
+        second = start_service(tmp_path, "second", **env)
+        await asyncio.wait_for(asyncio.gather(*clients), HANG)
+
+    with running(second):
+        waited = [line for line in second.logs() if "previous_embedded_pid" in line]
+        assert [line["previous_embedded_pid"] for line in waited] == [started["embedded_pid"]]
+        missing: list[int] = []
+
+        async def check(ids: list[int]) -> None:
+            for dep_id in ids:
+                status, _, _ = await call(http, "GET", f"{second.url}/deployments/{dep_id}")
+                if status != 200:
+                    missing.append(dep_id)
+
+        await asyncio.wait_for(asyncio.gather(*(check(acknowledged[i::8]) for i in range(8))), HANG)
+        assert missing == [], f"{len(missing)} of {len(acknowledged)} acknowledged are missing"
+
+
+async def test_a_second_instance_on_the_same_data_dir_is_refused_fast_naming_the_first(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data_dir = str(tmp_path / "data")
+    first = start_service(tmp_path, "first", DATA_DIR=data_dir)
+    with running(first):
+        # A long start timeout: refused at once, not after waiting for the first to go.
+        env = {"DATA_DIR": data_dir, "EMBEDDED_START_TIMEOUT_S": "600"}
+        other = spawn_service(tmp_path, "other", env)
+        with running(other):
+            assert await asyncio.to_thread(other.proc.wait, START) == 1
+        (error,) = [line for line in other.logs() if line["level"] == "ERROR"]
+        assert error["message"].startswith("cannot start: ")
+        assert f"pid {first.proc.pid}" in error["message"], error["message"]
+        status, _, _ = await call(http, "GET", f"{first.url}/readyz")
+        assert status == 200  # the first is untouched
 
 
 # --- two service instances on one database ------------------------------------------------
