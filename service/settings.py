@@ -66,7 +66,10 @@ class Settings(BaseSettings):
         "secondaryPreferred moves them off the primary of a replica set.",
     )
     embedded_start_timeout_s: float = Field(
-        60.0, gt=0, description="How long to wait for the embedded database to answer."
+        60.0,
+        gt=0,
+        description="How long to wait for the embedded database to start, including for "
+        "the database of a killed service to exit and free DATA_DIR.",
     )
     embedded_journal: bool = Field(
         True,
