@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import auth, deployments, imports, jobs, ops, results, stats
+from . import auth, claims, deployments, imports, jobs, ops, results, stats
 from .database import DB, Database, cursor_secret, init_database, make_client
 from .embedded import EmbeddedDatabase, embedded_server
 from .errors import problem_middleware
@@ -54,8 +54,10 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
     auth.setup(app, settings)  # after the problem middleware and the database
+    app.cleanup_ctx.append(claims.executors_ctx)
     app.add_routes(ops.routes)
     app.add_routes(deployments.routes)
+    app.add_routes(claims.routes)  # /jobs/claim before /jobs/{job_id}
     app.add_routes(jobs.routes)
     app.add_routes(results.routes)
     app.add_routes(imports.routes)

@@ -19,6 +19,7 @@ from .http import (
     read_body,
     record_response,
 )
+from .idempotency import idempotent
 from .jobs import delete_jobs
 from .models import deployment_document
 from .pagination import DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, parse_list_query
@@ -99,8 +100,12 @@ def _has_jobs_msg(deployment_id: int) -> str:
 async def create(request: web.Request) -> web.Response:
     body = await read_body(request, DeploymentCreate)
     body.user_id = claim_owner(request, body.user_id)
-    doc = await create_deployment(request.app[DB].db, body)
-    return record_response(public_deployment(doc), 201, f"/deployments/{doc['_id']}")
+
+    async def make() -> web.Response:
+        doc = await create_deployment(request.app[DB].db, body)
+        return record_response(public_deployment(doc), 201, f"/deployments/{doc['_id']}")
+
+    return await idempotent(request, make)
 
 
 @routes.get("/deployments")

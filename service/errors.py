@@ -108,6 +108,12 @@ class DatabaseUnavailable(Problem):
     status, slug, title = 503, "database-unavailable", "Database unavailable"
 
 
+class Overloaded(Problem):
+    """This instance has as many waiting requests as it allows (a setting); try later."""
+
+    status, slug, title = 503, "overloaded", "Too many waiting requests"
+
+
 def invalid(loc: Loc, msg: str) -> ValidationFailed:
     """A 422 for one field, e.g. `invalid(["body", "deployment_id"], "no such deployment")`."""
     return ValidationFailed(f"{'.'.join(map(str, loc))}: {msg}", errors=[error(loc, msg)])

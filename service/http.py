@@ -56,6 +56,14 @@ async def read_body(request: web.Request, model: type[M], *, patch: bool = False
     return validate_body(model, raw)
 
 
+async def read_optional_body(request: web.Request, model: type[M]) -> M:
+    """`read_body` where the body may be left out entirely (then every field's default)."""
+    if not request.body_exists:
+        check_query(request)
+        return validate_body(model, b"{}")
+    return await read_body(request, model)
+
+
 def path_id(request: web.Request, name: str, what: str) -> int:
     """Ids are positive 64-bit integers; any other spelling names no record (404)."""
     raw = request.match_info[name]

@@ -11,23 +11,35 @@ from pymongo.asynchronous.database import AsyncDatabase
 from . import results
 from .auth import claim_owner, owner_filter, same_owner
 from .database import DB, Doc, next_ids
-from .errors import Conflict, NotFound, Problem, invalid
+from .errors import Conflict, NotFound, Problem, ValidationFailed, invalid
 from .http import (
     check_query,
     if_match,
     page_response,
     path_id,
     read_body,
+    read_optional_body,
     record_response,
 )
-from .lifecycle import TERMINAL, TERMINAL_NAMES, TaskStatus, transition_problem
+from .idempotency import idempotent
+from .lifecycle import (
+    TERMINAL,
+    TERMINAL_NAMES,
+    TaskStatus,
+    cancelled,
+    ending_reason,
+    transition_problem,
+)
 from .models import job_document
 from .pagination import JOB_FILTERS, JOB_SORTS, parse_list_query
-from .schemas import JobCreate, JobPatch, public_job, rfc3339
+from .schemas import CancelBody, JobCreate, JobPatch, NoBody, public_job, rfc3339
 from .store import Change, fetch_page, field_changes, get_checked, now, update_record
+from .wakeups import WAKEUPS
 
 routes = web.RouteTableDef()
 DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
+# What a retry copies from the job it retries.
+RETRIED_FIELDS = ("user_id", "deployment_id", "job_name", "parameters", "data")
 
 
 # --- data layer -----------------------------------------------------------------------
@@ -40,18 +52,22 @@ async def create_job(db: AsyncDatabase[Doc], body: JobCreate, deployment_scope: 
     user); one that does not is reported exactly like a missing one.
     """
     assert body.user_id is not None  # filled in by auth.claim_owner
-    if not await _deployment_exists(db, body.deployment_id, deployment_scope):
-        raise _no_deployment(body.deployment_id, deployment_scope)
-    doc = job_document(
-        _id=await next_ids(db, "jobs"),
-        started_at=body.started_at or now(),
-        **body.model_dump(exclude={"started_at"}),
-    )
+    fields = body.model_dump(exclude={"started_at"})
+    return await insert_job(db, fields, body.started_at or now(), deployment_scope)
+
+
+async def insert_job(
+    db: AsyncDatabase[Doc], fields: Doc, started_at: datetime, deployment_scope: Doc
+) -> Doc:
+    deployment_id = fields["deployment_id"]
+    if not await _deployment_exists(db, deployment_id, deployment_scope):
+        raise _no_deployment(deployment_id, deployment_scope)
+    doc = job_document(_id=await next_ids(db, "jobs"), started_at=started_at, **fields)
     await db.jobs.insert_one(doc)
     # A concurrent DELETE of the deployment may have passed its own check meanwhile.
-    if not await _deployment_exists(db, body.deployment_id, deployment_scope):
+    if not await _deployment_exists(db, deployment_id, deployment_scope):
         await db.jobs.delete_one({"_id": doc["_id"]})
-        raise _no_deployment(body.deployment_id, deployment_scope)
+        raise _no_deployment(deployment_id, deployment_scope)
     return doc
 
 
@@ -65,6 +81,27 @@ def _no_deployment(deployment_id: int, scope: Doc) -> Problem:
     return invalid(["body", "deployment_id"], f"no deployment with id {deployment_id}{owner}")
 
 
+def enter_status(
+    change: Change,
+    status: TaskStatus,
+    at: datetime,
+    reason: str | None = None,
+    executor: str | None = None,
+) -> None:
+    """The job enters `status` at `at`: its history, reason and, when it ends, its end."""
+    entry = {"task_status": status.value, "at": at}
+    if reason is not None:
+        entry["reason"] = reason
+    if executor is not None:
+        entry["executor"] = executor
+    change.set("task_status", status.value)
+    change.push("history", entry)
+    change.set("status_reason", reason)
+    if status in TERMINAL:
+        change.set("finished_at", at)
+        change.set("lease", None)  # an ended job is nobody's any more
+
+
 async def patch_job(
     db: AsyncDatabase[Doc], job_id: int, patch: JobPatch, revision: int | None, owner: Doc
 ) -> Doc:
@@ -72,6 +109,7 @@ async def patch_job(
     changes = patch.model_dump(exclude_unset=True)
     status: TaskStatus | None = changes.pop("task_status", None)
     finished: datetime | None = changes.pop("finished_at", None)
+    given_reason: str | None = changes.pop("status_reason", None)
     if not changes and status is None and finished is None:
         return await get_checked(db.jobs, job_id, revision, "job", owner)
     if status is not None and finished is not None and status not in TERMINAL:
@@ -94,14 +132,55 @@ async def patch_job(
         if status is not None:
             # Never before started_at, even when started_at was given in the future.
             at = finished or max(stored["started_at"], now())
-            change.set("task_status", status.value)
-            change.push("history", {"task_status": status.value, "at": at})
-            if status in TERMINAL:
-                change.set("finished_at", at)
+            asked = stored.get("cancel_requested_at") is not None
+            reason = ending_reason(status, given_reason, asked, stored.get("cancel_reason"))
+            enter_status(change, status, at, reason)
         elif finished is not None:
             change.set("finished_at", finished)
 
     return await update_record(db.jobs, job_id, decide, revision, "job", owner)
+
+
+async def cancel_job(
+    db: AsyncDatabase[Doc], job_id: int, reason: str | None, revision: int | None, owner: Doc
+) -> Doc:
+    """PENDING: ERROR now. RUNNING: ask its executor (heartbeats say so; the sweeper ends it
+    after CANCEL_GRACE_S). Ended: 409. Asking again changes nothing."""
+
+    def decide(change: Change) -> None:
+        stored = change.stored
+        status = stored.get("task_status")
+        if status == TaskStatus.PENDING:
+            at = max(stored["started_at"], now())
+            enter_status(change, TaskStatus.ERROR, at, cancelled(reason))
+        elif status == TaskStatus.RUNNING:
+            if stored.get("cancel_requested_at") is not None:
+                change.unchanged = True  # asked already: the first request stands
+            else:
+                change.set("cancel_requested_at", now())
+                change.set("cancel_reason", reason)
+        else:
+            raise Conflict(
+                f"Job {job_id} has already ended ({status}); there is nothing to cancel."
+            )
+
+    return await update_record(db.jobs, job_id, decide, revision, "job", owner)
+
+
+async def retry_job(db: AsyncDatabase[Doc], job_id: int, owner: Doc) -> Doc:
+    """A new PENDING job like an ended one: `retry_of` it, one `attempt` more."""
+    stored = await get_checked(db.jobs, job_id, None, "job", owner)
+    status = stored.get("task_status")
+    if status not in TERMINAL_NAMES:
+        raise Conflict(f"Job {job_id} is {status}; only a FINISHED or ERROR job can be retried.")
+    fields = {name: stored.get(name, DEFAULTS.get(name)) for name in RETRIED_FIELDS}
+    fields |= {"retry_of": job_id, "attempt": stored.get("attempt", 1) + 1}
+    try:
+        return await insert_job(db, fields, now(), {})
+    except ValidationFailed:
+        raise Conflict(
+            f"Job {job_id}'s deployment {stored['deployment_id']} no longer exists."
+        ) from None
 
 
 async def delete_job(db: AsyncDatabase[Doc], job_id: int, revision: int | None, owner: Doc) -> None:
@@ -127,9 +206,14 @@ async def delete_jobs(db: AsyncDatabase[Doc], flt: Doc) -> None:
 @routes.post("/jobs")
 async def create(request: web.Request) -> web.Response:
     body = await read_body(request, JobCreate)
-    body.user_id = claim_owner(request, body.user_id)
-    doc = await create_job(request.app[DB].db, body, same_owner(request, body.user_id))
-    return record_response(public_job(doc), 201, f"/jobs/{doc['_id']}")
+    body.user_id = owner = claim_owner(request, body.user_id)
+
+    async def make() -> web.Response:
+        doc = await create_job(request.app[DB].db, body, same_owner(request, owner))
+        request.app[WAKEUPS].notify()  # a waiting claim may take it
+        return record_response(public_job(doc), 201, f"/jobs/{doc['_id']}")
+
+    return await idempotent(request, make)
 
 
 @routes.get("/jobs")
@@ -170,6 +254,30 @@ async def patch(request: web.Request) -> web.Response:
     revision, owner = if_match(request), owner_filter(request)
     doc = await patch_job(request.app[DB].db, job_id, body, revision, owner)
     return record_response(public_job(doc))
+
+
+@routes.post("/jobs/{job_id}/cancel")
+async def cancel(request: web.Request) -> web.Response:
+    job_id = path_id(request, "job_id", "job")
+    body = await read_optional_body(request, CancelBody)
+    revision, owner = if_match(request), owner_filter(request)
+    doc = await cancel_job(request.app[DB].db, job_id, body.reason, revision, owner)
+    ended = doc["task_status"] == TaskStatus.ERROR
+    # Ended now (it was PENDING): 200; its executor was asked to end it: 202.
+    return record_response(public_job(doc), 200 if ended else 202)
+
+
+@routes.post("/jobs/{job_id}/retry")
+async def retry(request: web.Request) -> web.Response:
+    job_id = path_id(request, "job_id", "job")
+    await read_optional_body(request, NoBody)
+
+    async def make() -> web.Response:
+        doc = await retry_job(request.app[DB].db, job_id, owner_filter(request))
+        request.app[WAKEUPS].notify()
+        return record_response(public_job(doc), 201, f"/jobs/{doc['_id']}")
+
+    return await idempotent(request, make)
 
 
 @routes.delete("/jobs/{job_id}")

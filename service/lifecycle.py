@@ -10,6 +10,7 @@ import itertools
 from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 
 class TaskStatus(StrEnum):
@@ -76,4 +77,43 @@ def history_problem(history: Sequence[Entry], status: TaskStatus, started: datet
     for n, (_, at) in enumerate(history):
         if at < started:
             return f"history.{n}.at: is before started_at"
+    return None
+
+
+# --- executors: leases and cancels ----------------------------------------------------
+
+LEASE_EXPIRED = "lease expired"
+LEASE_S_DEFAULT, LEASE_S_MIN, LEASE_S_MAX = 60, 5, 3600
+MAX_REASON = 1000  # characters of a status_reason or a cancel reason
+
+
+def cancelled(reason: str | None) -> str:
+    """The status_reason of a job ended by a cancel."""
+    return f"cancelled: {reason}" if reason else "cancelled"
+
+
+def lease_problem(
+    status: str | None, lease: dict[str, Any] | None, executor: str, now: datetime
+) -> str | None:
+    """Why `executor` may not extend the lease of a job in `status` holding `lease`, or None."""
+    if status != TaskStatus.RUNNING:
+        return f"the job is {status}, not RUNNING: its lease has ended"
+    if lease is None:
+        return "the job was made RUNNING without a claim: it has no lease"
+    if lease["executor"] != executor:
+        return f"the job is leased to another executor ({lease['executor']!r})"
+    if lease["expires_at"] <= now:
+        return f"the lease expired at {lease['expires_at']:%Y-%m-%dT%H:%M:%S}Z"
+    return None
+
+
+def ending_reason(
+    target: TaskStatus, given: str | None, cancel_requested: bool, cancel_reason: str | None
+) -> str | None:
+    """The status_reason a status change leaves: the one given; for a job asked to cancel
+    that ends in ERROR, the cancel; else none."""
+    if given is not None:
+        return given
+    if target == TaskStatus.ERROR and cancel_requested:
+        return cancelled(cancel_reason)
     return None

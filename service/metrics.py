@@ -6,6 +6,8 @@ in the text format 0.0.4.
 - database: the latency of every command the driver sends, by command name and outcome
   (a pymongo `CommandListener` that `database.make_client` registers);
 - jobs by status: `JOBS` and `DATABASE_UP`, set by ops.py when /metrics is scraped;
+- executors: `CLAIMS`, `JOBS_ENDED_BY_SWEEPER` (lease expiries, cancels past their grace
+  period) and `CANCELS`, counters fed by claims.py and jobs.py;
 - import rows: `IMPORT_ROWS`, a counter the bulk import increments:
   `IMPORT_ROWS.labels(kind="jobs", outcome="inserted").inc(n)`, with `kind` one of
   `deployments`, `jobs` and `outcome` one of `inserted`, `replaced`, `skipped`, `failed`.
@@ -62,6 +64,24 @@ IMPORT_ROWS = Counter(
     "(inserted, replaced, skipped, failed).",
     ["kind", "outcome"],
 )
+CLAIMS = Counter(
+    "jobservice_claims_total", "Jobs handed to an executor by POST /jobs/claim (this instance)."
+)
+JOBS_ENDED_BY_SWEEPER = Counter(
+    "jobservice_jobs_ended_by_sweeper_total",
+    "RUNNING jobs this instance's sweeper made ERROR, by why (lease_expired, cancelled).",
+    ["why"],
+)
+CANCELS = Counter(
+    "jobservice_cancels_total",
+    "POST /jobs/{id}/cancel that changed a job, by what it did (ended: a PENDING job is now "
+    "ERROR; requested: a RUNNING job's executor is asked).",
+    ["outcome"],
+)
+for _why in ("lease_expired", "cancelled"):
+    JOBS_ENDED_BY_SWEEPER.labels(_why)
+for _outcome in ("ended", "requested"):
+    CANCELS.labels(_outcome)
 for _kind in ("deployments", "jobs"):  # every series exists from the start, at 0
     for _outcome in ("inserted", "replaced", "skipped", "failed"):
         IMPORT_ROWS.labels(_kind, _outcome)

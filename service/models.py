@@ -41,6 +41,17 @@ class Stored(BaseModel):
 class HistoryEntry(Stored):
     task_status: TaskStatus
     at: datetime
+    # Why the job entered the status (its status_reason then), and which executor's claim
+    # made it RUNNING; stored only when known.
+    reason: str | None = Field(None, exclude_if=lambda v: v is None)
+    executor: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class Lease(Stored):
+    """A claimed job's executor, and until when the job is theirs without a heartbeat."""
+
+    executor: str
+    expires_at: datetime
 
 
 class ResultFile(Stored):
@@ -76,6 +87,13 @@ class JobFields(Stored):
     results: list[ResultFile] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)
     revision: int = 1
+    # Executors (see lifecycle.py): null unless claimed, asked to cancel, retried.
+    lease: Lease | None = None
+    cancel_requested_at: datetime | None = None
+    cancel_reason: str | None = None
+    status_reason: str | None = None
+    attempt: int = 1
+    retry_of: int | None = None
 
 
 def deployment_document(**fields: Any) -> Doc:
@@ -111,6 +129,10 @@ class Job(JobFields, Document):
             _index("deployment_id", "started_at", "_id"),
             # Statistics: one user over a time window (see README "Analytics").
             _index("user_id", "started_at", "_id"),
+            # Claims: the oldest due PENDING job; the sweeper: expired leases, old cancels.
+            _index("task_status", "started_at", "_id"),
+            _index("task_status", "lease.expires_at"),
+            _index("task_status", "cancel_requested_at"),
         ]
 
 
@@ -144,6 +166,30 @@ class ApiKey(ApiKeyFields, Document):
         use_revision = False
 
 
+IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key answers its first request again
+
+
+class IdempotencyRecord(Document):
+    """One Idempotency-Key of one user: the request it came with and, once made, the
+    answer (`status` null while the first request is still being answered)."""
+
+    id: str = Field(alias="_id")  # type: ignore[assignment]  # sha256 of user and key
+    user_id: str | None
+    key: str
+    request: str  # sha256 of method, path and canonical body
+    created: datetime
+    status: int | None = None
+    body: bytes | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    class Settings:
+        name = "idempotency_keys"
+        use_revision = False
+        indexes = [
+            IndexModel([("created", ASCENDING)], expireAfterSeconds=IDEMPOTENCY_TTL_S),
+        ]
+
+
 # Result files live in a GridFS bucket (files and chunks collections, per the GridFS spec);
 # results.py writes and reads them as raw documents.
 BUCKET = "fs"
@@ -156,4 +202,4 @@ GRIDFS_INDEXES: dict[str, list[IndexModel]] = {
     CHUNKS: [IndexModel([("files_id", ASCENDING), ("n", ASCENDING)], unique=True)],  # the spec's
 }
 
-DOCUMENT_MODELS: list[type[Document]] = [Deployment, Job, Counter, ApiKey]
+DOCUMENT_MODELS: list[type[Document]] = [Deployment, Job, Counter, ApiKey, IdempotencyRecord]

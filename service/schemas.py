@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from .errors import Loc, MalformedJSON, ValidationFailed, error
-from .lifecycle import TaskStatus
+from .lifecycle import LEASE_S_DEFAULT, LEASE_S_MAX, LEASE_S_MIN, MAX_REASON, TaskStatus
 from .merge_patch import MAX_DATA_DEPTH, data_errors
 
 MAX_NAME = 200
@@ -112,8 +112,19 @@ class DeploymentPatch(Body):
     data: Any = None
 
 
+EXECUTOR_FIELDS = frozenset(
+    {"lease", "cancel_requested_at", "cancel_reason", "status_reason", "attempt", "retry_of"}
+)
+Reason = Annotated[StrictStr, Field(min_length=1, max_length=MAX_REASON)]
+Executor = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME)]
+LeaseSeconds = Annotated[StrictInt, Field(ge=LEASE_S_MIN, le=LEASE_S_MAX)]
+
+
 class JobCreate(Body):
-    owned = frozenset({"job_id", "revision", "history", "results", "task_status", "finished_at"})
+    owned = (
+        frozenset({"job_id", "revision", "history", "results", "task_status", "finished_at"})
+        | EXECUTOR_FIELDS
+    )
     user_id: OwnerId = None
     deployment_id: PositiveId
     job_name: Name | None = None
@@ -124,13 +135,45 @@ class JobCreate(Body):
 
 
 class JobPatch(Body):
-    owned = frozenset({"job_id", "revision", "history", "results"})
+    owned = frozenset({"job_id", "revision", "history", "results"}) | (
+        EXECUTOR_FIELDS - {"status_reason"}
+    )
     job_name: Name | None = None
     parameters: Parameters | None = None
     data: Any = None
     task_status: Annotated[TaskStatus, Field(strict=False)] | None = None  # from its string
     finished_at: Timestamp | None = None
+    status_reason: Reason | None = None  # only with task_status: why the job has it
     not_null = frozenset({"task_status", "finished_at"})
+
+    @model_validator(mode="after")
+    def _reason_with_status(self) -> JobPatch:
+        if "status_reason" in self.model_fields_set and self.task_status is None:
+            raise ValueError("status_reason may only be given with task_status")
+        return self
+
+
+class ClaimBody(Body):
+    """POST /jobs/claim: which executor asks, for how long, and for which jobs."""
+
+    executor: Executor
+    lease_s: LeaseSeconds = LEASE_S_DEFAULT
+    deployment_id: PositiveId | None = None
+    user_id: UserId | None = None
+    wait_s: Annotated[float, Field(ge=0, le=60)] = 0.0
+
+
+class HeartbeatBody(Body):
+    executor: Executor
+    lease_s: LeaseSeconds = LEASE_S_DEFAULT
+
+
+class NoBody(Body):
+    """An endpoint that takes no fields: an empty body or `{}`."""
+
+
+class CancelBody(Body):
+    reason: Reason | None = None
 
 
 M = TypeVar("M", bound=Body)
@@ -221,12 +264,30 @@ def public_job(doc: dict[str, Any]) -> dict[str, Any]:
         "data": doc.get("data", {}),
         "task_status": doc.get("task_status", "PENDING"),
         "results": [public_result(r) for r in doc.get("results") or []],
-        "history": [
-            {"task_status": h["task_status"], "at": rfc3339(h["at"])}
-            for h in doc.get("history") or []
-        ],
+        "history": [public_history_entry(h) for h in doc.get("history") or []],
         "revision": doc.get("revision", 1),
+        "lease": public_lease(doc.get("lease")),
+        "cancel_requested_at": rfc3339(doc.get("cancel_requested_at")),
+        "cancel_reason": doc.get("cancel_reason"),
+        "status_reason": doc.get("status_reason"),
+        "attempt": doc.get("attempt", 1),
+        "retry_of": doc.get("retry_of"),
     }
+
+
+def public_history_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """`reason` and `executor` appear only on the entries that have them."""
+    out = {"task_status": entry["task_status"], "at": rfc3339(entry["at"])}
+    for optional in ("reason", "executor"):
+        if entry.get(optional) is not None:
+            out[optional] = entry[optional]
+    return out
+
+
+def public_lease(lease: dict[str, Any] | None) -> dict[str, Any] | None:
+    if lease is None:
+        return None
+    return {"executor": lease["executor"], "expires_at": rfc3339(lease["expires_at"])}
 
 
 def public_result(entry: dict[str, Any]) -> dict[str, Any]:

@@ -94,6 +94,27 @@ class Settings(BaseSettings):
         1000, ge=1, description="Most result files one job may have (else 409)."
     )
 
+    # --- executors (service/claims.py) ---
+    lease_sweep_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="A RUNNING job whose lease expired, or whose cancel grace period ended, "
+        "becomes ERROR within this many seconds (each instance sweeps twice as often).",
+    )
+    cancel_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long the executor of a RUNNING job asked to cancel has to end it "
+        'before the service makes it ERROR "cancelled".',
+    )
+    max_waiters: int = Field(
+        1000,
+        ge=0,
+        description="Requests that may wait at once in this instance (claims with wait_s); "
+        "more get 503 with Retry-After.",
+    )
+
     # --- authentication (service/auth.py) ---
     auth: Literal["enabled", "disabled"] = Field(
         "enabled", description="`disabled` lets every request act as an admin (development only)."

@@ -44,6 +44,7 @@ class Change:
     sets: Doc = field(default_factory=dict)
     unsets: list[str] = field(default_factory=list)
     pushes: Doc = field(default_factory=dict)
+    unchanged: bool = False  # set by a decision to leave the record as it is
 
     def __post_init__(self) -> None:
         self.after = {**self.stored, "revision": self.stored["revision"] + 1}
@@ -109,6 +110,8 @@ async def update_record(
         stored = await get_checked(collection, record_id, revision, what, owner)
         change = Change(stored)
         decide(change)
+        if change.unchanged:
+            return stored
         flt = {"_id": record_id, "revision": stored["revision"]}
         if (await collection.update_one(flt, change.update())).matched_count:
             return change.after
