@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import auth, deployments, imports, jobs, metrics, results, stats
+from . import auth, bulk_export, bulk_import, deployments, jobs, metrics, results, stats
 from .database import DB, Database, cursor_secret, init_database, make_client
 from .embedded import EmbeddedDatabase, embedded_server
 from .errors import RETRY_AFTER_S, DatabaseUnavailable, problem_middleware
@@ -95,6 +95,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(jobs.routes)
     app.add_routes(metrics.routes)
     app.add_routes(results.routes)
-    app.add_routes(imports.routes)
+    app.add_routes(bulk_import.routes)
+    app.add_routes(bulk_export.routes)
     app.add_routes(stats.routes)
     return app

@@ -1,4 +1,5 @@
-"""The data layer's shared machinery: one-round-trip conditional updates and list pages.
+"""The data layer's shared machinery: one-round-trip conditional updates, list pages, and
+`alongside` for the bulk paths (a database round trip while the stream is read or written).
 
 Every change is one `find_one_and_update` whose filter states all its preconditions
 (revision, status, sizes). When it matches nothing, the record is read once to say
@@ -8,10 +9,11 @@ it is tried again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
@@ -22,6 +24,8 @@ from .merge_patch import merge_expression, merged_size_guard
 from .pagination import ListQuery, encode_cursor
 
 MAX_ATTEMPTS = 5
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 def now() -> datetime:
@@ -135,3 +139,15 @@ async def fetch_page(
     next_cursor = encode_cursor(query, items[-1], key) if more else None
     total = await collection.count_documents(query.filter) if query.count else None
     return Page(items, next_cursor, total)
+
+
+async def alongside(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:
+    """Run both at once (`first` starts first); if one fails, the other is cancelled and
+    the error is raised as it is.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            one, two = group.create_task(first), group.create_task(second)
+    except BaseExceptionGroup as exc:
+        raise exc.exceptions[0] from None
+    return one.result(), two.result()

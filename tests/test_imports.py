@@ -18,16 +18,10 @@ from pymongo import MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
+from service.bulk_export import EXPORTS
+from service.bulk_import import BATCH_RECORDS, KINDS, MAX_LINE, IdSet, Importer, LineReader
 from service.database import DB
-from service.imports import (
-    BATCH_RECORDS,
-    KINDS,
-    MAX_GIVEN_ID,
-    MAX_LINE,
-    IdSet,
-    Importer,
-    LineReader,
-)
+from service.records import MAX_GIVEN_ID
 from service.schemas import public_job
 from service.settings import Settings
 from tests.helpers import Client, create_deployment, create_job
@@ -699,7 +693,7 @@ async def test_an_export_that_fails_midway_is_visibly_incomplete(
             raise RuntimeError("the database went away")
         return public_job(doc)
 
-    monkeypatch.setitem(KINDS, "jobs", dataclasses.replace(KINDS["jobs"], public=flaky))
+    monkeypatch.setitem(EXPORTS, "jobs", dataclasses.replace(EXPORTS["jobs"], public=flaky))
     resp = await client.get("/export/jobs")
     assert resp.status == 200
     with pytest.raises(ClientPayloadError):
