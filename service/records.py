@@ -10,21 +10,11 @@ reports for that line (bulk_import.py).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 import bson
 import orjson
-import pydantic_core
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-    model_validator,
-)
+from pydantic import AfterValidator, Field, StrictInt, StrictStr, ValidationError, model_validator
 
 from .errors import Problem
 from .lifecycle import TERMINAL, TaskStatus, default_history, history_problem
@@ -32,12 +22,15 @@ from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, 
 from .models import Doc
 from .results import MAX_CONTENT_TYPE, MAX_METADATA, MEDIA_TYPE, check_name
 from .schemas import (
+    JSONError,
     Name,
     OwnerId,
     Parameters,
     PositiveId,
+    Strict,
     Timestamp,
     error_summary,
+    parse_json,
     validation_errors,
 )
 
@@ -77,20 +70,16 @@ ResultName = Annotated[StrictStr, AfterValidator(_result_name)]
 MediaType = Annotated[StrictStr, AfterValidator(_media_type)]
 
 
-class Record(BaseModel):
+class Record(Strict):
     """A line of an import: the public shape, ids and service-kept fields optional."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-    not_null: ClassVar[frozenset[str]] = frozenset()  # optional, but never null
     user_id: OwnerId = None  # omitted: the caller (auth.Principal.claim)
 
     @model_validator(mode="before")
     @classmethod
     def _no_nulls(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            nulls = sorted(name for name in cls.not_null if name in values and values[name] is None)
-            if nulls:
-                raise ValueError(f"{', '.join(nulls)}: may not be null (leave it out instead)")
+        if nulls := cls.nulls(values):  # a line's nulls are reported first, all of them
+            raise ValueError(f"{', '.join(nulls)}: may not be null (leave it out instead)")
         return values
 
     def record_id(self) -> int | None:
@@ -141,14 +130,12 @@ class DeploymentRecord(Record):
         return [(["data"], self.data)]
 
 
-class HistoryRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class HistoryRecord(Strict):
     task_status: Status
     at: Timestamp
 
 
-class ResultRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ResultRecord(Strict):
     name: ResultName
     content_type: MediaType
     size: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
@@ -242,9 +229,9 @@ class JobRecord(Record):
 def parse_record(model: type[Record], line: bytes) -> Record:
     """One line to a valid record, or a RecordError naming every problem found."""
     try:
-        obj = pydantic_core.from_json(line, allow_inf_nan=False)
-    except ValueError as exc:
-        if "recursion limit" in str(exc):
+        obj = parse_json(line)
+    except JSONError as exc:
+        if exc.too_deep:
             raise RecordError(f"nested deeper than {MAX_DATA_DEPTH} levels") from None
         raise RecordError(f"not valid JSON: {exc}") from None
     if not isinstance(obj, dict):

@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
-import pydantic_core
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from bson import Int64, ObjectId
@@ -54,7 +53,7 @@ from .errors import (
 from .http import check_query, json_response, path_id
 from .merge_patch import data_errors
 from .models import BUCKET, CHUNKS, FILES
-from .schemas import MAX_NAME, error_summary, public_result
+from .schemas import MAX_NAME, JSONError, error_summary, parse_json, public_result
 from .settings import SETTINGS, Settings
 from .store import now
 
@@ -118,8 +117,8 @@ def parse_metadata(header: str | None) -> dict[str, Any]:
     if len(raw) > MAX_METADATA:
         raise invalid(loc, f"larger than {MAX_METADATA} bytes")
     try:
-        value = pydantic_core.from_json(raw, allow_inf_nan=False)
-    except ValueError as exc:
+        value = parse_json(raw)
+    except JSONError as exc:
         raise MalformedJSON(
             f"{METADATA_HEADER} is not valid JSON: {exc}", errors=[error(loc, "not valid JSON")]
         ) from None

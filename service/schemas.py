@@ -2,6 +2,8 @@
 
 Bodies are parsed once (pydantic-core's JSON parser keeps integers exact, so a too-large
 integer is reported as such instead of silently becoming a float) and validated once.
+The lines of a bulk import are records.py, built on the same types, `Strict` and
+`parse_json`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PlainValidator,
     StrictInt,
     StrictStr,
@@ -73,19 +76,33 @@ Parameters = Annotated[StrictStr, Field(max_length=MAX_PARAMETERS)]
 PositiveId = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
 
 
-class Body(BaseModel):
-    """Strict request body: unknown and service-owned fields are refused by name."""
+class Strict(BaseModel):
+    """No type coercion; unknown fields are refused by name; `not_null` fields may be left
+    out but not given as null (each subclass says when and how it reports them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    owned: ClassVar[frozenset[str]] = frozenset()
-    not_null: ClassVar[frozenset[str]] = frozenset()  # optional, but never null
+    not_null: ClassVar[frozenset[str]] = frozenset()
 
-    @model_validator(mode="after")
-    def _no_nulls(self) -> Body:
-        for name in sorted(self.not_null & self.model_fields_set):
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} may not be null")
-        return self
+    @classmethod
+    def nulls(cls, values: Any) -> list[str]:
+        """The `not_null` fields that `values` (the input, before validation) gives as null."""
+        if not isinstance(values, dict):
+            return []
+        return sorted(name for name in cls.not_null if name in values and values[name] is None)
+
+
+class Body(Strict):
+    """Strict request body: unknown and service-owned fields are refused by name."""
+
+    owned: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _no_nulls(cls, values: Any, handler: ModelWrapValidatorHandler[Body]) -> Body:
+        body = handler(values)  # a body's nulls are reported once its fields are valid
+        if nulls := cls.nulls(values):
+            raise ValueError(f"{nulls[0]} may not be null")
+        return body
 
     @model_validator(mode="before")
     @classmethod
@@ -136,21 +153,34 @@ class JobPatch(Body):
 M = TypeVar("M", bound=Body)
 
 
+class JSONError(ValueError):
+    """Not JSON as the API reads it (the parser's message); `too_deep`: nested too deep to
+    parse at all (deeper than MAX_DATA_DEPTH, the limit of `data`)."""
+
+    def __init__(self, message: str, *, too_deep: bool) -> None:
+        super().__init__(message)
+        self.too_deep = too_deep
+
+
 def parse_json(raw: bytes) -> Any:
+    """JSON as every part of the API reads it: integers exact, no NaN or Infinity."""
     try:
         return pydantic_core.from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
-        if "recursion limit" in str(exc):
+        raise JSONError(str(exc), too_deep="recursion limit" in str(exc)) from None
+
+
+def validate_body(model: type[M], raw: bytes) -> M:
+    """Parse and validate a request body; every failure is a 400 or a 422 naming the field."""
+    try:
+        obj = parse_json(raw)
+    except JSONError as exc:
+        if exc.too_deep:
             raise ValidationFailed(
                 f"body: nested deeper than {MAX_DATA_DEPTH} levels",
                 errors=[error(["body"], f"nested deeper than {MAX_DATA_DEPTH} levels")],
             ) from None
         raise MalformedJSON(f"The body is not valid JSON: {exc}") from None
-
-
-def validate_body(model: type[M], raw: bytes) -> M:
-    """Parse and validate a request body; every failure is a 400 or a 422 naming the field."""
-    obj = parse_json(raw)
     if not isinstance(obj, dict):
         raise ValidationFailed(
             "body: must be a JSON object", errors=[error(["body"], "must be a JSON object")]
