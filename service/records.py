@@ -16,12 +16,12 @@ import bson
 import orjson
 from pydantic import AfterValidator, Field, StrictInt, StrictStr, ValidationError, model_validator
 
-from .errors import Problem
 from .lifecycle import TERMINAL, TaskStatus, default_history, history_problem
 from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
 from .models import Doc
-from .results import MAX_CONTENT_TYPE, MAX_METADATA, MEDIA_TYPE, check_name
 from .schemas import (
+    MAX_CONTENT_TYPE,
+    MAX_METADATA,
     JSONError,
     Name,
     OwnerId,
@@ -29,7 +29,9 @@ from .schemas import (
     PositiveId,
     Strict,
     Timestamp,
+    check_result_name,
     error_summary,
+    is_media_type,
     parse_json,
     validation_errors,
 )
@@ -53,20 +55,13 @@ GivenId = Annotated[StrictInt, Field(ge=1, le=MAX_GIVEN_ID)]
 Revision = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
 
 
-def _result_name(name: str) -> str:
-    try:
-        return check_name(name)  # the rules of PUT /jobs/{job_id}/results/{name}
-    except Problem as exc:
-        raise ValueError(exc.errors[0]["msg"] if exc.errors else exc.detail) from None
-
-
 def _media_type(value: str) -> str:
-    if len(value) > MAX_CONTENT_TYPE or not MEDIA_TYPE.fullmatch(value):
+    if not is_media_type(value):
         raise ValueError(f"must be a media type such as 'text/csv', at most {MAX_CONTENT_TYPE}")
     return value
 
 
-ResultName = Annotated[StrictStr, AfterValidator(_result_name)]
+ResultName = Annotated[StrictStr, AfterValidator(check_result_name)]  # as in PUT .../results
 MediaType = Annotated[StrictStr, AfterValidator(_media_type)]
 
 

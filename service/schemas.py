@@ -9,6 +9,7 @@ The lines of a bulk import are records.py, built on the same types, `Strict` and
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -151,6 +152,35 @@ class JobPatch(Body):
 
 
 M = TypeVar("M", bound=Body)
+
+
+# --- result entries (PUT /jobs/{job_id}/results/{name}, and imported jobs' `results`) ---
+
+MAX_METADATA = 4096  # bytes of a result's metadata as JSON
+MAX_CONTENT_TYPE = 255
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+MEDIA_TYPE = re.compile(
+    rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\x00-\x1f\x7f]*"))*'
+)
+
+
+def check_result_name(name: str) -> str:
+    """1-200 characters, no `/`, no control characters; `.` and `..` no client can address.
+    Anything else is a ValueError saying why (its caller says where)."""
+    if not 1 <= len(name) <= MAX_NAME:
+        raise ValueError(f"must be 1 to {MAX_NAME} characters")
+    if "/" in name:
+        raise ValueError("may not contain '/'")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+        raise ValueError("may not contain control characters")
+    if name in (".", ".."):
+        raise ValueError("may not be '.' or '..'")
+    return name
+
+
+def is_media_type(value: str) -> bool:
+    """A media type such as `text/csv; charset=utf-8`, at most MAX_CONTENT_TYPE characters."""
+    return len(value) <= MAX_CONTENT_TYPE and MEDIA_TYPE.fullmatch(value) is not None
 
 
 class JSONError(ValueError):
