@@ -18,7 +18,7 @@ from pydantic import AfterValidator, Field, StrictInt, StrictStr, ValidationErro
 
 from .lifecycle import TERMINAL, TaskStatus, default_history, history_problem
 from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
-from .models import Doc
+from .models import Doc, deployment_document, job_document
 from .schemas import (
     MAX_CONTENT_TYPE,
     MAX_METADATA,
@@ -111,15 +111,15 @@ class DeploymentRecord(Record):
         self.created = self.created or at
 
     def document(self, record_id: int) -> Doc:
-        return {
-            "_id": record_id,
-            "deployment_name": self.deployment_name,
-            "user_id": self.user_id,
-            "created": self.created,
-            "parameters": self.parameters,
-            "data": self.data,
-            "revision": self.revision,
-        }
+        return deployment_document(
+            _id=record_id,
+            deployment_name=self.deployment_name,
+            user_id=self.user_id,
+            created=self.created,
+            parameters=self.parameters,
+            data=self.data,
+            revision=self.revision,
+        )
 
     def data_values(self) -> list[tuple[list[str | int], Any]]:
         return [(["data"], self.data)]
@@ -197,22 +197,21 @@ class JobRecord(Record):
                 raise RecordError(f"results.{n}.metadata: larger than {MAX_METADATA} bytes")
 
     def document(self, record_id: int) -> Doc:
-        return {
-            "_id": record_id,
-            "job_name": self.job_name,
-            "user_id": self.user_id,
-            "deployment_id": self.deployment_id,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "parameters": self.parameters,
-            "data": self.data,
-            "task_status": self.task_status.value,
-            "results": [r.model_dump() for r in self.results],
-            "history": [
-                {"task_status": h.task_status.value, "at": h.at} for h in self.history or []
-            ],
-            "revision": self.revision,
-        }
+        """Its results are entries without a file (models.ResultFile)."""
+        return job_document(
+            _id=record_id,
+            job_name=self.job_name,
+            user_id=self.user_id,
+            deployment_id=self.deployment_id,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            parameters=self.parameters,
+            data=self.data,
+            task_status=self.task_status,
+            results=[r.model_dump() for r in self.results],
+            history=[{"task_status": h.task_status, "at": h.at} for h in self.history or []],
+            revision=self.revision,
+        )
 
     def data_values(self) -> list[tuple[list[str | int], Any]]:
         values: list[tuple[list[str | int], Any]] = [(["data"], self.data)]

@@ -235,6 +235,23 @@ async def test_imported_result_entries_work_with_the_results_api(client: Client)
     assert job["results"][0]["size"] == 3 and job["revision"] == 3
 
 
+async def test_imported_result_entries_are_stored_without_a_file_id(client: Client) -> None:
+    """models.ResultFile: no bytes, no `file_id` field, until an upload replaces the entry."""
+    await import_(client, "deployments", ndjson([{"deployment_id": 1, "user_id": "a"}]))
+    entry = {"name": "a.txt", "content_type": "text/plain", "size": 1, "sha256": "1" * 64}
+    await import_(client, "jobs", ndjson([job_record(1, 1, results=[{**entry, "created": T0}])]))
+    doc = await database(client).jobs.find_one({"_id": 1})
+    assert doc is not None
+    assert list(doc["results"][0]) == [*entry, "created", "metadata"]
+    resp = await client.put(
+        "/jobs/1/results/a.txt", data=b"x", headers={"Content-Type": "text/plain"}
+    )
+    assert resp.status == 200
+    doc = await database(client).jobs.find_one({"_id": 1})
+    assert doc is not None
+    assert list(doc["results"][0]) == [*entry, "created", "metadata", "file_id"]
+
+
 async def test_every_bad_line_is_reported_and_the_rest_goes_in(client: Client) -> None:
     await import_(client, "deployments", ndjson([{"deployment_id": 1, "user_id": "a"}]))
     base = {"user_id": "a", "deployment_id": 1, "started_at": T0}
