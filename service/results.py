@@ -51,7 +51,7 @@ from .errors import (
 )
 from .http import check_query, json_response, path_id
 from .merge_patch import data_errors
-from .models import BUCKET, CHUNKS, FILES
+from .models import BUCKET, CHUNKS, FILES, ResultFile
 from .schemas import (
     MAX_CONTENT_TYPE,
     MAX_METADATA,
@@ -178,15 +178,15 @@ async def store_result(
     """Write the file, then point the job's entry at it; return (entry, replaced an old one)."""
     await _current(db, job_id, name, settings.max_results_per_job, owner)  # 404/409 before reading
     file_id, size, sha256 = await write_file(db, job_id, name, read, settings.max_result_bytes)
-    entry = {
-        "name": name,
-        "content_type": content_type,
-        "size": size,
-        "sha256": sha256,
-        "created": now(),
-        "metadata": metadata,
-        "file_id": file_id,
-    }
+    entry = ResultFile(
+        name=name,
+        content_type=content_type,
+        size=size,
+        sha256=sha256,
+        created=now(),
+        metadata=metadata,
+        file_id=file_id,
+    ).document()
     try:
         replaced, old = await _swap_in(db, job_id, entry, settings.max_results_per_job, owner)
     except BaseException:
