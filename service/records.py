@@ -27,6 +27,7 @@ from .schemas import (
     OwnerId,
     Parameters,
     PositiveId,
+    Status,
     Strict,
     Timestamp,
     check_result_name,
@@ -47,7 +48,6 @@ class RecordError(Exception):
         self.detail = detail
 
 
-Status = Annotated[TaskStatus, Field(strict=False)]  # from its string
 # A given id moves the counter past it; half of the id space stays for the service, so
 # no import can leave it without ids to hand out.
 MAX_GIVEN_ID = 2**62

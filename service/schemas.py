@@ -75,6 +75,7 @@ OwnerId = Annotated[UserId | None, AfterValidator(_not_null)]
 Name = Annotated[StrictStr, Field(max_length=MAX_NAME)]
 Parameters = Annotated[StrictStr, Field(max_length=MAX_PARAMETERS)]
 PositiveId = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
+Status = Annotated[TaskStatus, Field(strict=False)]  # from its string
 
 
 class Strict(BaseModel):
@@ -146,7 +147,7 @@ class JobPatch(Body):
     job_name: Name | None = None
     parameters: Parameters | None = None
     data: Any = None
-    task_status: Annotated[TaskStatus, Field(strict=False)] | None = None  # from its string
+    task_status: Status | None = None
     finished_at: Timestamp | None = None
     not_null = frozenset({"task_status", "finished_at"})
 
