@@ -27,7 +27,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from service.imports import BATCH_RECORDS, EXPORT_BATCH
+from service.bulk_export import EXPORT_BATCH
+from service.bulk_import import BATCH_RECORDS
 from service.models import Job
 from service.schemas import public_job
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import auth, deployments, imports, jobs, ops, results, stats
+from . import auth, bulk_export, bulk_import, deployments, jobs, ops, results, stats
 from .database import DB, Database, cursor_secret, init_database, make_client
 from .embedded import EmbeddedDatabase, embedded_server
 from .errors import problem_middleware
@@ -58,6 +58,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(deployments.routes)
     app.add_routes(jobs.routes)
     app.add_routes(results.routes)
-    app.add_routes(imports.routes)
+    app.add_routes(bulk_import.routes)
+    app.add_routes(bulk_export.routes)
     app.add_routes(stats.routes)
     return app

@@ -18,17 +18,11 @@ from pymongo import MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
+from service.bulk_export import EXPORTS
+from service.bulk_import import BATCH_RECORDS, KINDS, MAX_LINE, IdSet, Importer, LineReader
 from service.database import DB
-from service.imports import (
-    BATCH_RECORDS,
-    KINDS,
-    MAX_GIVEN_ID,
-    MAX_LINE,
-    IdSet,
-    Importer,
-    LineReader,
-)
 from service.merge_patch import MAX_DATA_BYTES
+from service.records import MAX_GIVEN_ID
 from service.schemas import public_job
 from service.settings import Settings
 from tests.helpers import Client, create_deployment, create_job
@@ -240,6 +234,23 @@ async def test_imported_result_entries_work_with_the_results_api(client: Client)
     (job,) = records(await export(client, "jobs"))
     assert [r["name"] for r in job["results"]] == ["counts.csv"]
     assert job["results"][0]["size"] == 3 and job["revision"] == 3
+
+
+async def test_imported_result_entries_are_stored_without_a_file_id(client: Client) -> None:
+    """models.ResultFile: no bytes, no `file_id` field, until an upload replaces the entry."""
+    await import_(client, "deployments", ndjson([{"deployment_id": 1, "user_id": "a"}]))
+    entry = {"name": "a.txt", "content_type": "text/plain", "size": 1, "sha256": "1" * 64}
+    await import_(client, "jobs", ndjson([job_record(1, 1, results=[{**entry, "created": T0}])]))
+    doc = await database(client).jobs.find_one({"_id": 1})
+    assert doc is not None
+    assert list(doc["results"][0]) == [*entry, "created", "metadata"]
+    resp = await client.put(
+        "/jobs/1/results/a.txt", data=b"x", headers={"Content-Type": "text/plain"}
+    )
+    assert resp.status == 200
+    doc = await database(client).jobs.find_one({"_id": 1})
+    assert doc is not None
+    assert list(doc["results"][0]) == [*entry, "created", "metadata", "file_id"]
 
 
 async def test_every_bad_line_is_reported_and_the_rest_goes_in(client: Client) -> None:
@@ -702,7 +713,7 @@ async def test_an_export_that_fails_midway_is_visibly_incomplete(
             raise RuntimeError("the database went away")
         return public_job(doc)
 
-    monkeypatch.setitem(KINDS, "jobs", dataclasses.replace(KINDS["jobs"], public=flaky))
+    monkeypatch.setitem(EXPORTS, "jobs", dataclasses.replace(EXPORTS["jobs"], public=flaky))
     resp = await client.get("/export/jobs")
     assert resp.status == 200
     with pytest.raises(ClientPayloadError):
