@@ -32,9 +32,9 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from .auth import ANONYMOUS_ADMIN, Principal, principal
+from .auth import ANONYMOUS_ADMIN, OwnerRequired, Principal, principal
 from .database import DB, Doc, next_ids, raise_counter
-from .errors import BadRequest, UnsupportedMediaType, ValidationFailed, bad_query
+from .errors import BadRequest, UnsupportedMediaType, bad_query
 from .http import check_query, deadline_stream, json_response
 from .metrics import IMPORT_ROWS
 from .records import NDJSON, DeploymentRecord, JobRecord, Record, RecordError, parse_record
@@ -256,7 +256,7 @@ class Importer:
             except RecordError as exc:
                 batch.fail(number, exc.detail)
                 continue
-            except ValidationFailed:  # no user_id, and auth disabled: nobody to default to
+            except OwnerRequired:  # no user_id, and auth disabled: nobody to default to
                 batch.fail(number, "user_id: Field required")
                 continue
             record_id = record.record_id()
