@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-import bson
 import orjson
 import pydantic_core
 from aiohttp import StreamReader, web
@@ -55,7 +54,7 @@ from .database import DB, Doc, analytics_db, analytics_time_limit, ensure_counte
 from .errors import BadRequest, Problem, UnsupportedMediaType, ValidationFailed, bad_query
 from .http import check_query, json_response
 from .lifecycle import TERMINAL, TaskStatus, default_history, history_problem
-from .merge_patch import MAX_DATA_BYTES, MAX_DATA_DEPTH, MAX_MERGED_BSON_BYTES, data_errors
+from .merge_patch import MAX_DATA_DEPTH, data_errors
 from .metrics import IMPORT_ROWS
 from .pagination import DEPLOYMENT_FILTERS, JOB_FILTERS, PAGING, FilterKind, parse_filters
 from .results import MAX_CONTENT_TYPE, MAX_METADATA, MEDIA_TYPE, check_name
@@ -302,22 +301,9 @@ def parse_record(model: type[Record], line: bytes) -> Record:
     except ValidationError as exc:
         raise RecordError(error_summary(validation_errors(exc, prefix=()))) from None
     for loc, value in record.data_values():
-        if errors := stored_data_errors(value, loc):
+        if errors := data_errors(value, loc):
             raise RecordError(error_summary(errors))
     return record
-
-
-def stored_data_errors(value: Any, loc: list[str | int]) -> list[dict[str, Any]]:
-    """The rules of `data`, except that a value as large as merge patches may make it is
-    accepted (2 MiB as BSON, see merge_patch.merged_size_guard): every export re-imports.
-    """
-    errors = data_errors(value, loc)
-    too_large = f"larger than {MAX_DATA_BYTES} bytes as compact JSON"
-    if len(errors) == 1 and errors[0]["msg"] == too_large:
-        if len(bson.encode({"v": value})) <= MAX_MERGED_BSON_BYTES:
-            return []
-        errors[0]["msg"] = f"larger than {MAX_MERGED_BSON_BYTES} bytes as BSON"
-    return errors
 
 
 # --- kinds -----------------------------------------------------------------------------

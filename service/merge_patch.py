@@ -17,7 +17,8 @@ from .errors import Loc, error
 
 MAX_DATA_BYTES = 1024 * 1024  # compact UTF-8 JSON
 MAX_DATA_DEPTH = 64
-MAX_MERGED_BSON_BYTES = 2 * 1024 * 1024  # after a merge; see merged_size_guard
+# Compact JSON is at most 6 times the BSON of the same value: see merged_size_guard.
+JSON_PER_BSON_BYTE = 6
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -69,20 +70,25 @@ def merge_expression(target: Any, patch: Any, depth: int = 0) -> Any:
     }
 
 
-def merged_size_guard(field: str, merged: Any) -> dict[str, Any]:
-    """A `$expr` condition: the merged value stays within the limit, or does not grow.
+def merged_size_guard(merged: Any) -> dict[str, Any]:
+    """A `$expr` condition that proves the merged value within MAX_DATA_BYTES as JSON.
 
-    The exact 1 MiB JSON limit is checked on every value a client sends; the database can
-    only measure BSON, so a merge may not push the stored value past 2 MiB of BSON.
-    Shrinking an (old, large) value is always allowed.
+    The database measures only BSON. Compact JSON takes at most 6 bytes for each byte of
+    BSON: the worst is a control character in a string or key (1 byte, `\\u0001` in JSON);
+    a double takes 8 bytes and at most 24 characters, `null` 4 characters against the
+    element's type byte and key, and every element pays a type byte and a NUL in BSON for
+    the quotes, colon and comma it has in JSON. So a merged value of at most 1/6 of the
+    limit as BSON is within it. One larger may be within it too: `merged_size_problem`
+    then decides exactly, on the record as read (store.apply_update).
     """
-    new_size = {"$bsonSize": {"v": merged}}
-    return {
-        "$or": [
-            {"$lte": [new_size, MAX_MERGED_BSON_BYTES]},
-            {"$lte": [new_size, {"$bsonSize": {"v": f"${field}"}}]},
-        ]
-    }
+    return {"$lte": [{"$bsonSize": {"v": merged}}, MAX_DATA_BYTES // JSON_PER_BSON_BYTE]}
+
+
+def merged_size_problem(stored: Any, patch: Any) -> str | None:
+    """Why merging `patch` into `stored` gives a `data` over the limit, or None."""
+    if len(orjson.dumps(apply_merge_patch(stored, patch))) > MAX_DATA_BYTES:
+        return f"the merged value would be larger than {MAX_DATA_BYTES} bytes as compact JSON"
+    return None
 
 
 def data_errors(value: Any, loc: Loc) -> list[dict[str, Any]]:

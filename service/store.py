@@ -3,11 +3,14 @@
 Every change is one `find_one_and_update` whose filter states all its preconditions
 (revision, status, sizes). When it matches nothing, the record is read once to say
 precisely why; if the record changed in between so that the update would now apply,
-it is tried again.
+it is tried again. A size the database cannot measure exactly (JSON) is bounded in the
+filter; past the bound it is checked on the record as read, and the update then applies
+only to that revision.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +21,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from .database import Doc
 from .errors import Conflict, NotFound, PreconditionFailed, Problem, invalid
-from .merge_patch import merge_expression, merged_size_guard
+from .merge_patch import merge_expression, merged_size_guard, merged_size_problem
 from .pagination import ListQuery, encode_cursor
 
 MAX_ATTEMPTS = 5
@@ -37,6 +40,9 @@ class Update:
     filter: dict[str, Any]
     set: dict[str, Any]
     checks: list[dict[str, Any]]  # `$expr` conditions the stored record must meet
+    # The exact rule that `checks` only bound (they are sufficient, not necessary), for a
+    # stored record that fails them: a Problem, or None to apply the update to it after all.
+    recheck: Callable[[Doc], Problem | None] | None = None
 
 
 def field_updates(changes: dict[str, Any], defaults: dict[str, Any]) -> Update:
@@ -49,7 +55,8 @@ def field_updates(changes: dict[str, Any], defaults: dict[str, Any]) -> Update:
         if name == "data" and isinstance(value, dict):
             merged = merge_expression("$data", value)
             update.set["data"] = merged
-            update.checks.append(merged_size_guard("data", merged))
+            update.checks.append(merged_size_guard(merged))
+            update.recheck = functools.partial(_data_size, value)
         elif value is None and name in defaults:
             update.set[name] = {"$literal": defaults[name]}
         else:
@@ -87,13 +94,23 @@ async def apply_update(
         problem = explain(stored)
         if problem is not None:
             raise problem
-        if update.checks:
-            sized = await collection.count_documents({"_id": record_id, "$expr": flt["$expr"]})
-            if not sized:
-                raise invalid(
-                    ["body", "data"], "the merged value would exceed 2 MiB (BSON); nothing changed"
-                )
+        if update.recheck is not None:
+            if (problem := update.recheck(stored)) is not None:
+                raise problem
+            exact = {k: v for k, v in flt.items() if k != "$expr"}
+            doc = await collection.find_one_and_update(
+                {**exact, "revision": stored["revision"]},
+                [{"$set": stage}],
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                return doc
     raise Conflict(f"The {what} changed too often to update; try again.")
+
+
+def _data_size(patch: Any, stored: Doc) -> Problem | None:
+    msg = merged_size_problem(stored.get("data"), patch)
+    return None if msg is None else invalid(["body", "data"], f"{msg}; nothing changed")
 
 
 async def get_checked(
