@@ -53,6 +53,7 @@ from .auth import ANONYMOUS_ADMIN, Principal, deadline_stream, owner_filter, pri
 from .database import DB, Doc, analytics_db, analytics_time_limit, ensure_counter, next_ids
 from .errors import BadRequest, Problem, UnsupportedMediaType, ValidationFailed, bad_query
 from .http import check_query, json_response
+from .jobs import confirm_deployments
 from .lifecycle import TERMINAL, TaskStatus, default_history, history_problem
 from .merge_patch import MAX_DATA_DEPTH, data_errors
 from .metrics import IMPORT_ROWS
@@ -655,7 +656,7 @@ class Importer:
         jobs.create_job does), so no import leaves a job without its deployment.
         """
         ids: set[int] = {batch.docs[i]["deployment_id"] for i in written}
-        gone = ids - (await self.existing_parents(ids)).keys() if ids else set()
+        gone = ids - await confirm_deployments(self.db, ids, {}) if ids else set()
         if not gone:
             return written
         for parent in gone:
