@@ -36,6 +36,7 @@ from .auth import ANONYMOUS_ADMIN, OwnerRequired, Principal, principal
 from .database import DB, Doc, next_ids, raise_counter
 from .errors import BadRequest, UnsupportedMediaType, bad_query
 from .http import check_query, deadline_stream, json_response
+from .jobs import confirm_deployments
 from .metrics import IMPORT_ROWS
 from .records import NDJSON, DeploymentRecord, JobRecord, Record, RecordError, parse_record
 from .store import alongside, now
@@ -389,7 +390,7 @@ class Importer:
         jobs.create_job does), so no import leaves a job without its deployment.
         """
         ids: set[int] = {batch.docs[i]["deployment_id"] for i in written}
-        gone = ids - (await self.existing_parents(ids)).keys() if ids else set()
+        gone = ids - await confirm_deployments(self.db, ids, {}) if ids else set()
         if not gone:
             return written
         for parent in gone:

@@ -62,7 +62,7 @@ class Change:
         """RFC 7396 merge of `patch` into the field, written as the paths it changes."""
         stored = self.stored.get(name)
         merged = apply_merge_patch(stored, patch)
-        if errors := merged_data_errors(stored, merged, ["body", name]):
+        if errors := merged_data_errors(merged, ["body", name]):
             raise ValidationFailed(errors[0]["msg"], errors=errors)
         sets, unsets = merge_operations(stored, patch, name)
         self.after[name] = merged
