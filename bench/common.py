@@ -37,15 +37,20 @@ class Row:
     unit: str = ""
     target: str = ""  # e.g. ">= 0.50" on the ratio, or "< 150" on the service figure
     higher_is_better: bool = True
+    # The figure says nothing about what the row names in this run (e.g. a deep/first
+    # ratio where both pages read the whole collection): printed as n/a, target unjudged.
+    na: bool = False
 
     @property
     def ratio(self) -> float | None:
-        if not self.driver:
+        if not self.driver or self.na:
             return None
         return self.service / self.driver
 
     @property
     def met(self) -> str:
+        if self.na:
+            return "n/a"
         if not self.target:
             return ""
         op, bound = self.target.split()
@@ -64,7 +69,7 @@ def print_table(rows: list[Row]) -> str:
             (
                 r.bench,
                 r.metric,
-                f"{r.service:,.1f}",
+                "n/a" if r.na else f"{r.service:,.1f}",
                 "" if r.driver is None else f"{r.driver:,.1f}",
                 r.unit,
                 "" if r.ratio is None else f"{r.ratio:.2f}",

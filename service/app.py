@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import auth, claims, deployments, imports, jobs, ops, results, stats
+from . import auth, bulk_export, bulk_import, claims, deployments, jobs, ops, results, stats
 from .database import DB, Database, cursor_secret, init_database, make_client
 from .embedded import EmbeddedDatabase, embedded_server
 from .errors import problem_middleware
@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(claims.routes)  # /jobs/claim before /jobs/{job_id}
     app.add_routes(jobs.routes)
     app.add_routes(results.routes)
-    app.add_routes(imports.routes)
+    app.add_routes(bulk_import.routes)
+    app.add_routes(bulk_export.routes)
     app.add_routes(stats.routes)
     return app

@@ -60,6 +60,10 @@ JWT_ALGORITHMS = frozenset(
 JWKS_MAX_AGE_S = 3600.0
 
 
+class OwnerRequired(Exception):
+    """A record names no `user_id` and there is no caller to default to (auth disabled)."""
+
+
 @dataclass(frozen=True)
 class Principal:
     """The caller, and the rules that follow from who it is (for code without a request at
@@ -76,7 +80,7 @@ class Principal:
     def claim(self, user_id: str | None, loc: list[str | int]) -> str:
         if user_id is None:
             if self.user_id is None:  # auth disabled: nobody to default to
-                raise invalid(loc, "Field required")
+                raise OwnerRequired()
             return self.user_id
         if not self.admin and user_id != self.user_id:
             where = ".".join(map(str, loc))
@@ -106,7 +110,10 @@ def owner_filter(request: web.Request) -> Doc:
 def claim_owner(request: web.Request, user_id: str | None) -> str:
     """The owner of a new record: `user_id` if the caller may create for them (else 403);
     omitted, the caller (422 when auth is disabled and there is no caller)."""
-    return request[PRINCIPAL].claim(user_id, ["body", "user_id"])
+    try:
+        return request[PRINCIPAL].claim(user_id, ["body", "user_id"])
+    except OwnerRequired:
+        raise invalid(["body", "user_id"], "Field required") from None
 
 
 def same_owner(request: web.Request, user_id: str) -> Doc:

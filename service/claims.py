@@ -39,8 +39,8 @@ routes = web.RouteTableDef()
 
 CANDIDATES = 16  # due jobs read per claim attempt; concurrent claims spread over them
 MAX_ROUNDS = 50  # reads of the due jobs per claim attempt
-SWEEP_BATCH = 1000
-STOP_TIMEOUT_S = 5.0  # at shutdown, for the sweep under way  # jobs one sweep ends at most per kind; the next sweep takes the rest
+SWEEP_BATCH = 1000  # jobs one sweep ends at most per kind; the next sweep takes the rest
+STOP_TIMEOUT_S = 5.0  # at shutdown, for the sweep under way
 
 
 # --- data layer -----------------------------------------------------------------------

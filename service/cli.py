@@ -22,13 +22,13 @@ from typing import IO, Any, cast
 import aiohttp
 import orjson
 
+from .bulk_import import KINDS, ON_CONFLICT
 from .pagination import DEPLOYMENT_FILTERS, JOB_FILTERS
+from .records import NDJSON
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-NDJSON = "application/x-ndjson"
 CHUNK = 256 * 1024
 COMMANDS = ("import", "export")
-KINDS = ("deployments", "jobs")
 EXPORT_FILTERS = tuple({**DEPLOYMENT_FILTERS, **JOB_FILTERS})  # the service's own names
 SHOWN_ERRORS = 20
 # The answer to an import comes when the last line is written: no read timeout.
@@ -38,11 +38,11 @@ TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     imp = commands.add_parser("import", help="stream an NDJSON file into a running service")
     imp.add_argument("file", help="NDJSON file, one record a line; '-' reads standard input")
-    imp.add_argument("--kind", required=True, choices=KINDS)
+    imp.add_argument("--kind", required=True, choices=tuple(KINDS))
     imp.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
     imp.add_argument(
         "--on-conflict",
-        choices=("fail", "skip", "replace"),
+        choices=ON_CONFLICT,
         default="fail",
         help="what to do with a record whose id exists (default fail; skip to retry an import)",
     )
@@ -50,7 +50,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--errors-file", help="where failed lines are written (default FILE.errors.ndjson)"
     )
     exp = commands.add_parser("export", help="stream records of a running service as NDJSON")
-    exp.add_argument("--kind", required=True, choices=KINDS)
+    exp.add_argument("--kind", required=True, choices=tuple(KINDS))
     exp.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
     exp.add_argument("-o", "--output", default="-", help="file to write (default standard output)")
     for name in EXPORT_FILTERS:

@@ -129,6 +129,12 @@ async def ensure_counter(db: AsyncDatabase[Doc], kind: str) -> None:
         await db.counters.update_one({"_id": kind}, {"$setOnInsert": {"seq": 0}}, upsert=True)
 
 
+async def raise_counter(db: AsyncDatabase[Doc], kind: str, value: int) -> None:
+    """Move the id counter to at least `value`, so ids handed out later never collide."""
+    while not (await db.counters.update_one({"_id": kind}, {"$max": {"seq": value}})).matched_count:
+        await ensure_counter(db, kind)
+
+
 async def cursor_secret(db: AsyncDatabase[Doc], configured: str | None) -> bytes:
     """The key for signing cursors: configured, or one random key kept in the database."""
     if configured:

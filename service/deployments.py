@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from aiohttp import web
@@ -20,11 +21,11 @@ from .http import (
     record_response,
 )
 from .idempotency import idempotent
-from .jobs import delete_jobs
+from .jobs import DELETING, delete_jobs
 from .models import deployment_document
 from .pagination import DEPLOYMENT_FILTERS, DEPLOYMENT_SORTS, parse_list_query
 from .schemas import DeploymentCreate, DeploymentPatch, public_deployment
-from .store import fetch_page, field_changes, get_checked, now, update_record
+from .store import MAX_ATTEMPTS, fetch_page, field_changes, get_checked, now, update_record
 
 routes = web.RouteTableDef()
 DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
@@ -66,23 +67,39 @@ async def delete_deployment(
 ) -> None:
     """Delete; with `cascade`, its jobs too. Without, refuse while it has jobs.
 
-    Job creation re-checks its deployment after inserting (see jobs.create_job), and this
-    re-checks for jobs after deleting and puts the deployment back if one slipped in, so
-    no interleaving of the two leaves a job without its deployment. Only jobs `owner`
-    may see are looked at or deleted.
+    A refusal changes nothing at any instant: with no jobs found, the deployment is marked
+    with this DELETE's token (a field no response shows), checked for jobs once more, and
+    deleted only if it still carries the token. A job created meanwhile is inserted before
+    its creator confirms the deployment, and confirming removes a mark (jobs.create_job,
+    jobs.confirm_deployments): either the second check sees the job, or the conditional
+    delete misses and this looks again. Only jobs `owner` may see are looked at or deleted.
     """
-    doc = await get_checked(db.deployments, deployment_id, revision, "deployment", owner)
     jobs = {**owner, "deployment_id": deployment_id}
-    if not cascade and await _has_jobs(db, jobs):
-        raise Conflict(_has_jobs_msg(deployment_id))
-    flt: dict[str, Any] = {**owner, "_id": deployment_id, "revision": doc["revision"]}
-    if (await db.deployments.delete_one(flt)).deleted_count == 0:
-        return await delete_deployment(db, deployment_id, cascade, revision, owner)  # retry
-    if cascade:
-        await delete_jobs(db, jobs)
-    elif await _has_jobs(db, jobs):
-        await db.deployments.insert_one(doc)
-        raise Conflict(_has_jobs_msg(deployment_id))
+    for _ in range(MAX_ATTEMPTS):
+        doc = await get_checked(db.deployments, deployment_id, revision, "deployment", owner)
+        flt: dict[str, Any] = {**owner, "_id": deployment_id, "revision": doc["revision"]}
+        if cascade:
+            if (await db.deployments.delete_one(flt)).deleted_count:
+                await delete_jobs(db, jobs)
+                return
+            continue  # changed or deleted meanwhile
+        if await _has_jobs(db, jobs):
+            raise Conflict(_has_jobs_msg(deployment_id))
+        token = secrets.token_hex(8)
+        if not (await db.deployments.update_one(flt, {"$set": {DELETING: token}})).matched_count:
+            continue
+        deleted = False
+        try:
+            if await _has_jobs(db, jobs):
+                raise Conflict(_has_jobs_msg(deployment_id))
+            deleted = (await db.deployments.delete_one({**flt, DELETING: token})).deleted_count > 0
+        finally:  # (a mark left behind by a crash is removed by the next job creation)
+            if not deleted:
+                unmark = {"_id": deployment_id, DELETING: token}
+                await db.deployments.update_one(unmark, {"$unset": {DELETING: ""}})
+        if deleted:
+            return
+    raise Conflict(f"Deployment {deployment_id} changed too often to delete; try again.")
 
 
 async def _has_jobs(db: AsyncDatabase[Doc], jobs: Doc) -> bool:

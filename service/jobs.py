@@ -65,7 +65,7 @@ async def insert_job(
     doc = job_document(_id=await next_ids(db, "jobs"), started_at=started_at, **fields)
     await db.jobs.insert_one(doc)
     # A concurrent DELETE of the deployment may have passed its own check meanwhile.
-    if not await _deployment_exists(db, deployment_id, deployment_scope):
+    if not await confirm_deployments(db, {deployment_id}, deployment_scope):
         await db.jobs.delete_one({"_id": doc["_id"]})
         raise _no_deployment(deployment_id, deployment_scope)
     return doc
@@ -74,6 +74,29 @@ async def insert_job(
 async def _deployment_exists(db: AsyncDatabase[Doc], deployment_id: int, scope: Doc) -> bool:
     flt = {**scope, "_id": deployment_id}
     return await db.deployments.find_one(flt, {"_id": 1}) is not None
+
+
+# A DELETE of a deployment marks it with a token of its own while it looks for jobs a last
+# time, and deletes it only if the mark is still there (deployments.delete_deployment).
+DELETING = "deleting"
+
+
+async def confirm_deployments(db: AsyncDatabase[Doc], ids: set[int], scope: Doc) -> set[int]:
+    """Which of `ids` (within `scope`) exist, for jobs just written to them.
+
+    A deployment a DELETE has marked loses the mark first: that DELETE then fails and
+    looks again, finding the new jobs. So a deployment answered here as existing is never
+    deleted under its new jobs, and one a DELETE refuses was never deleted at all.
+    Ends once no mark is left: a DELETE that starts now finds the jobs before it marks.
+    """
+    flt = {**scope, "_id": min(ids) if len(ids) == 1 else {"$in": sorted(ids)}}
+    while True:
+        found = {d["_id"]: DELETING in d async for d in db.deployments.find(flt, {DELETING: 1})}
+        if marked := [i for i, is_marked in found.items() if is_marked]:
+            unmark = {"_id": {"$in": marked}, DELETING: {"$exists": True}}
+            await db.deployments.update_many(unmark, {"$unset": {DELETING: ""}})
+        else:
+            return set(found)
 
 
 def _no_deployment(deployment_id: int, scope: Doc) -> Problem:

@@ -57,11 +57,10 @@ def merge_operations(stored: Any, patch: Any, path: str) -> tuple[Doc, list[str]
     return sets, unsets
 
 
-def merged_data_errors(stored: Any, merged: Any, loc: Loc) -> list[dict[str, Any]]:
+def merged_data_errors(merged: Any, loc: Loc) -> list[dict[str, Any]]:
     """The rules of `data` for a merged value: only its size can break them (its keys came
-    from values already checked); a value stored larger than the limit may still shrink."""
-    size = len(orjson.dumps(merged))
-    if size <= MAX_DATA_BYTES or size <= len(orjson.dumps(stored)):
+    from values already checked, its depth is that of the stored value or the patch)."""
+    if len(orjson.dumps(merged)) <= MAX_DATA_BYTES:
         return []
     return [
         error(

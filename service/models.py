@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from beanie import Document, PydanticObjectId
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pymongo import ASCENDING, IndexModel
 
 from .lifecycle import TaskStatus
@@ -55,13 +55,24 @@ class Lease(Stored):
 
 
 class ResultFile(Stored):
+    """One entry of a job's `results`. `file_id` is its GridFS file (fs.files `_id`, not in
+    the public JSON); an entry listed by a bulk import has none, as an import moves no bytes,
+    and is stored without the field until an upload replaces the entry."""
+
     name: str
     content_type: str
     size: int
     sha256: str
     created: datetime
     metadata: dict[str, Any] = Field(default_factory=dict)
-    file_id: PydanticObjectId  # its GridFS file (fs.files _id); not in the public JSON
+    file_id: PydanticObjectId | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_file_no_field(self, handler: SerializerFunctionWrapHandler) -> Doc:
+        doc: Doc = handler(self)
+        if "file_id" in doc and doc["file_id"] is None:
+            del doc["file_id"]
+        return doc
 
 
 class DeploymentFields(Stored):

@@ -23,12 +23,10 @@ import contextlib
 import hashlib
 import logging
 import re
-import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
-import pydantic_core
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from bson import Int64, ObjectId
@@ -53,8 +51,17 @@ from .errors import (
 )
 from .http import check_query, json_response, path_id, read_deadline
 from .merge_patch import data_errors
-from .models import BUCKET, CHUNKS, FILES
-from .schemas import MAX_NAME, error_summary, public_result
+from .models import BUCKET, CHUNKS, FILES, ResultFile
+from .schemas import (
+    MAX_CONTENT_TYPE,
+    MAX_METADATA,
+    JSONError,
+    check_result_name,
+    error_summary,
+    is_media_type,
+    parse_json,
+    public_result,
+)
 from .settings import SETTINGS, Settings
 from .store import now
 
@@ -65,13 +72,7 @@ CHUNK_SIZE = DEFAULT_CHUNK_SIZE  # 255 KiB, the GridFS default
 BATCH_CHUNKS = 16  # chunks per insert (~4 MiB); two batches in memory per upload
 MAX_SWAPS = 50  # compare-and-swap attempts; each failure means another writer got through
 METADATA_HEADER = "X-Result-Metadata"
-MAX_METADATA = 4096  # bytes of JSON in the header
-MAX_CONTENT_TYPE = 255
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-MEDIA_TYPE = re.compile(
-    rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\x00-\x1f\x7f]*"))*'
-)
 NAME_PATH = "/jobs/{job_id}/results/{name:[^/]+}"  # any name aiohttp can hand over
 
 Read = Callable[[int], Awaitable[bytes]]  # up to n bytes; fewer only at the end
@@ -80,20 +81,12 @@ Read = Callable[[int], Awaitable[bytes]]  # up to n bytes; fewer only at the end
 # --- validation -----------------------------------------------------------------------
 
 
-def check_name(name: str) -> str:
-    """1-200 characters, no `/`, no control characters; `.` and `..` no client can address."""
-    msg = None
-    if not 1 <= len(name) <= MAX_NAME:
-        msg = f"must be 1 to {MAX_NAME} characters"
-    elif "/" in name:
-        msg = "may not contain '/'"
-    elif any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
-        msg = "may not contain control characters"
-    elif name in (".", ".."):
-        msg = "may not be '.' or '..'"
-    if msg:
-        raise invalid(["path", "name"], msg)
-    return name
+def path_name(request: web.Request) -> str:
+    """The result name in the path, by the rules of schemas.check_result_name (else 422)."""
+    try:
+        return check_result_name(request.match_info["name"])
+    except ValueError as exc:
+        raise invalid(["path", "name"], str(exc)) from None
 
 
 def parse_content_type(header: str | None) -> str:
@@ -101,7 +94,7 @@ def parse_content_type(header: str | None) -> str:
     if header is None or not header.strip():
         return DEFAULT_CONTENT_TYPE
     value = header.strip()
-    if len(value) > MAX_CONTENT_TYPE or not MEDIA_TYPE.fullmatch(value):
+    if not is_media_type(value):
         raise UnsupportedMediaType(
             f"Content-Type {value[:100]!r} is not a media type such as 'text/csv' "
             f"(at most {MAX_CONTENT_TYPE} characters)."
@@ -118,8 +111,8 @@ def parse_metadata(header: str | None) -> dict[str, Any]:
     if len(raw) > MAX_METADATA:
         raise invalid(loc, f"larger than {MAX_METADATA} bytes")
     try:
-        value = pydantic_core.from_json(raw, allow_inf_nan=False)
-    except ValueError as exc:
+        value = parse_json(raw)
+    except JSONError as exc:
         raise MalformedJSON(
             f"{METADATA_HEADER} is not valid JSON: {exc}", errors=[error(loc, "not valid JSON")]
         ) from None
@@ -185,15 +178,15 @@ async def store_result(
     """Write the file, then point the job's entry at it; return (entry, replaced an old one)."""
     await _current(db, job_id, name, settings.max_results_per_job, owner)  # 404/409 before reading
     file_id, size, sha256 = await write_file(db, job_id, name, read, settings.max_result_bytes)
-    entry = {
-        "name": name,
-        "content_type": content_type,
-        "size": size,
-        "sha256": sha256,
-        "created": now(),
-        "metadata": metadata,
-        "file_id": file_id,
-    }
+    entry = ResultFile(
+        name=name,
+        content_type=content_type,
+        size=size,
+        sha256=sha256,
+        created=now(),
+        metadata=metadata,
+        file_id=file_id,
+    ).document()
     try:
         replaced, old = await _swap_in(db, job_id, entry, settings.max_results_per_job, owner)
     except BaseException:
@@ -460,7 +453,7 @@ async def list_all(request: web.Request) -> web.Response:
 @routes.put(NAME_PATH)
 async def upload(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
-    name = check_name(request.match_info["name"])
+    name = path_name(request)
     check_query(request)
     content_type = parse_content_type(request.headers.get("Content-Type"))
     metadata = parse_metadata(request.headers.get(METADATA_HEADER))
@@ -486,7 +479,7 @@ async def upload(request: web.Request) -> web.Response:
 @routes.get(NAME_PATH)
 async def download(request: web.Request) -> web.StreamResponse:
     job_id = path_id(request, "job_id", "job")
-    name = check_name(request.match_info["name"])
+    name = path_name(request)
     check_query(request)
     entry, grid_out = await open_result(request.app[DB].db, job_id, name, owner_filter(request))
     try:
@@ -540,7 +533,7 @@ async def _send(
 @routes.delete(NAME_PATH)
 async def delete(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
-    name = check_name(request.match_info["name"])
+    name = path_name(request)
     check_query(request)
     await delete_result(request.app[DB].db, job_id, name, owner_filter(request))
     return web.Response(status=204)

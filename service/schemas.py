@@ -2,11 +2,14 @@
 
 Bodies are parsed once (pydantic-core's JSON parser keeps integers exact, so a too-large
 integer is reported as such instead of silently becoming a float) and validated once.
+The lines of a bulk import are records.py, built on the same types, `Strict` and
+`parse_json`.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -16,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PlainValidator,
     StrictInt,
     StrictStr,
@@ -71,21 +75,36 @@ OwnerId = Annotated[UserId | None, AfterValidator(_not_null)]
 Name = Annotated[StrictStr, Field(max_length=MAX_NAME)]
 Parameters = Annotated[StrictStr, Field(max_length=MAX_PARAMETERS)]
 PositiveId = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
+Status = Annotated[TaskStatus, Field(strict=False)]  # from its string
 
 
-class Body(BaseModel):
-    """Strict request body: unknown and service-owned fields are refused by name."""
+class Strict(BaseModel):
+    """No type coercion; unknown fields are refused by name; `not_null` fields may be left
+    out but not given as null (each subclass says when and how it reports them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    owned: ClassVar[frozenset[str]] = frozenset()
-    not_null: ClassVar[frozenset[str]] = frozenset()  # optional, but never null
+    not_null: ClassVar[frozenset[str]] = frozenset()
 
-    @model_validator(mode="after")
-    def _no_nulls(self) -> Body:
-        for name in sorted(self.not_null & self.model_fields_set):
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} may not be null")
-        return self
+    @classmethod
+    def nulls(cls, values: Any) -> list[str]:
+        """The `not_null` fields that `values` (the input, before validation) gives as null."""
+        if not isinstance(values, dict):
+            return []
+        return sorted(name for name in cls.not_null if name in values and values[name] is None)
+
+
+class Body(Strict):
+    """Strict request body: unknown and service-owned fields are refused by name."""
+
+    owned: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _no_nulls(cls, values: Any, handler: ModelWrapValidatorHandler[Body]) -> Body:
+        body = handler(values)  # a body's nulls are reported once its fields are valid
+        if nulls := cls.nulls(values):
+            raise ValueError(f"{nulls[0]} may not be null")
+        return body
 
     @model_validator(mode="before")
     @classmethod
@@ -141,7 +160,7 @@ class JobPatch(Body):
     job_name: Name | None = None
     parameters: Parameters | None = None
     data: Any = None
-    task_status: Annotated[TaskStatus, Field(strict=False)] | None = None  # from its string
+    task_status: Status | None = None
     finished_at: Timestamp | None = None
     status_reason: Reason | None = None  # only with task_status: why the job has it
     not_null = frozenset({"task_status", "finished_at"})
@@ -179,21 +198,63 @@ class CancelBody(Body):
 M = TypeVar("M", bound=Body)
 
 
+# --- result entries (PUT /jobs/{job_id}/results/{name}, and imported jobs' `results`) ---
+
+MAX_METADATA = 4096  # bytes of a result's metadata as JSON
+MAX_CONTENT_TYPE = 255
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+MEDIA_TYPE = re.compile(
+    rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\x00-\x1f\x7f]*"))*'
+)
+
+
+def check_result_name(name: str) -> str:
+    """1-200 characters, no `/`, no control characters; `.` and `..` no client can address.
+    Anything else is a ValueError saying why (its caller says where)."""
+    if not 1 <= len(name) <= MAX_NAME:
+        raise ValueError(f"must be 1 to {MAX_NAME} characters")
+    if "/" in name:
+        raise ValueError("may not contain '/'")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+        raise ValueError("may not contain control characters")
+    if name in (".", ".."):
+        raise ValueError("may not be '.' or '..'")
+    return name
+
+
+def is_media_type(value: str) -> bool:
+    """A media type such as `text/csv; charset=utf-8`, at most MAX_CONTENT_TYPE characters."""
+    return len(value) <= MAX_CONTENT_TYPE and MEDIA_TYPE.fullmatch(value) is not None
+
+
+class JSONError(ValueError):
+    """Not JSON as the API reads it (the parser's message); `too_deep`: nested too deep to
+    parse at all (deeper than MAX_DATA_DEPTH, the limit of `data`)."""
+
+    def __init__(self, message: str, *, too_deep: bool) -> None:
+        super().__init__(message)
+        self.too_deep = too_deep
+
+
 def parse_json(raw: bytes) -> Any:
+    """JSON as every part of the API reads it: integers exact, no NaN or Infinity."""
     try:
         return pydantic_core.from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
-        if "recursion limit" in str(exc):
+        raise JSONError(str(exc), too_deep="recursion limit" in str(exc)) from None
+
+
+def validate_body(model: type[M], raw: bytes) -> M:
+    """Parse and validate a request body; every failure is a 400 or a 422 naming the field."""
+    try:
+        obj = parse_json(raw)
+    except JSONError as exc:
+        if exc.too_deep:
             raise ValidationFailed(
                 f"body: nested deeper than {MAX_DATA_DEPTH} levels",
                 errors=[error(["body"], f"nested deeper than {MAX_DATA_DEPTH} levels")],
             ) from None
         raise MalformedJSON(f"The body is not valid JSON: {exc}") from None
-
-
-def validate_body(model: type[M], raw: bytes) -> M:
-    """Parse and validate a request body; every failure is a 400 or a 422 naming the field."""
-    obj = parse_json(raw)
     if not isinstance(obj, dict):
         raise ValidationFailed(
             "body: must be a JSON object", errors=[error(["body"], "must be a JSON object")]

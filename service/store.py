@@ -1,4 +1,5 @@
-"""The data layer's shared machinery: conditional updates and list pages.
+"""The data layer's shared machinery: conditional updates, list pages, and `alongside`
+for the bulk paths (a database round trip while the stream is read or written).
 
 Every change reads the record, decides in Python what it becomes (the rules see exactly
 what is stored), and writes that with one `update_one` conditioned on the revision it
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo.asynchronous.collection import AsyncCollection
 
@@ -27,6 +28,8 @@ from .pagination import ListQuery, encode_cursor
 # Each failed attempt means another request's change landed, so n concurrent changes of
 # one record need at most n attempts; past this many, the client is told to try again.
 MAX_ATTEMPTS = 64
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 def now() -> datetime:
@@ -60,7 +63,7 @@ class Change:
         """RFC 7396 merge of `patch` into the field, written as the paths it changes."""
         stored = self.stored.get(name)
         merged = apply_merge_patch(stored, patch)
-        if errors := merged_data_errors(stored, merged, ["body", name]):
+        if errors := merged_data_errors(merged, ["body", name]):
             raise ValidationFailed(errors[0]["msg"], errors=errors)
         sets, unsets = merge_operations(stored, patch, name)
         self.after[name] = merged
@@ -162,3 +165,15 @@ async def fetch_page(
     next_cursor = encode_cursor(query, items[-1], key) if more else None
     total = await collection.count_documents(query.filter) if query.count else None
     return Page(items, next_cursor, total)
+
+
+async def alongside(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:
+    """Run both at once (`first` starts first); if one fails, the other is cancelled and
+    the error is raised as it is.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            one, two = group.create_task(first), group.create_task(second)
+    except BaseExceptionGroup as exc:
+        raise exc.exceptions[0] from None
+    return one.result(), two.result()

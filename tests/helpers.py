@@ -6,9 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from bson import CodecOptions
+from bson.raw_bson import RawBSONDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
 Client = TestClient[Any, Any]
+STORED = ("deployments", "jobs", "counters")  # every collection a create or patch may touch
 
 
 @dataclass
@@ -37,3 +40,15 @@ async def create_job(client: Client, deployment_id: int, **fields: Any) -> dict[
     assert resp.status == 201, await resp.text()
     result: dict[str, Any] = await resp.json()
     return result
+
+
+async def snapshot(db: AsyncDatabase[dict[str, Any]], *collections: str) -> dict[str, list[bytes]]:
+    """Every document of `collections` (default STORED) as its raw BSON, in `_id` order.
+
+    Two equal snapshots hold byte-identical documents: same fields, order, types, values.
+    """
+    raw = db.with_options(codec_options=CodecOptions(document_class=RawBSONDocument))
+    return {
+        name: [bytes(doc.raw) async for doc in raw[name].find().sort("_id", 1)]
+        for name in collections or STORED
+    }

@@ -6,11 +6,13 @@ import asyncio
 from typing import Any
 
 import pytest
+from pymongo.asynchronous.database import AsyncDatabase
 
 from service.lifecycle import SHORTEST_PATH, TRANSITIONS, TaskStatus
-from tests.helpers import Client, create_deployment, create_job
+from tests.helpers import Client, create_deployment, create_job, snapshot
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
+Db = AsyncDatabase[dict[str, Any]]
 
 
 async def patch(client: Client, job_id: int, body: Any, **headers: str) -> Any:
@@ -47,24 +49,28 @@ async def test_explicit_started_at_is_normalised_to_utc_milliseconds(client: Cli
     assert job["started_at"] == "2026-11-29T17:00:00.123Z"
 
 
-async def test_job_for_missing_deployment_is_422_and_stores_nothing(client: Client) -> None:
+async def test_job_for_missing_deployment_is_422_and_stores_nothing(client: Client, db: Db) -> None:
+    await create_job(client, (await create_deployment(client))["deployment_id"])
+    before = await snapshot(db)
     resp = await client.post("/jobs", json={"user_id": "alice", "deployment_id": 999})
     assert resp.status == 422
     body = await resp.json()
     assert body["errors"][0]["loc"] == ["body", "deployment_id"]
-    assert (await (await client.get("/jobs")).json())["items"] == []
+    assert await snapshot(db) == before  # not even the id counter moved
+    assert len((await (await client.get("/jobs")).json())["items"]) == 1
 
 
 @pytest.mark.parametrize("source", list(TaskStatus))
 @pytest.mark.parametrize("target", list(TaskStatus))
 async def test_every_transition_follows_the_table(
-    client: Client, source: TaskStatus, target: TaskStatus
+    client: Client, db: Db, source: TaskStatus, target: TaskStatus
 ) -> None:
     dep = await create_deployment(client)
     job = await create_job(client, dep["deployment_id"])
     path = [s.value for s in SHORTEST_PATH[source]]
     for step in path:
         assert (await patch(client, job["job_id"], {"task_status": step}))[0] == 200
+    before = await snapshot(db)
     status, body = await patch(client, job["job_id"], {"task_status": target.value})
     if target in TRANSITIONS[source]:
         assert status == 200, body
@@ -75,6 +81,7 @@ async def test_every_transition_follows_the_table(
     else:
         assert status == 409, body
         assert source.value in body["detail"] and target.value in body["detail"]
+        assert await snapshot(db) == before
         after = await (await client.get(f"/jobs/{job['job_id']}")).json()
         assert after["task_status"] == source.value
         assert after["revision"] == 1 + len(path)
@@ -101,34 +108,40 @@ async def test_finished_at_given_with_the_transition(client: Client) -> None:
     assert body["finished_at"] == "2026-01-01T01:00:00.000Z"
 
 
-async def test_finished_at_is_never_before_started_at(client: Client) -> None:
+async def test_finished_at_is_never_before_started_at(client: Client, db: Db) -> None:
     dep = await create_deployment(client)
     future = "2999-01-01T00:00:00.000Z"
     job = await create_job(client, dep["deployment_id"], started_at=future)
+    before = await snapshot(db)
     status, body = await patch(
         client, job["job_id"], {"task_status": "ERROR", "finished_at": "2026-01-01T00:00:00Z"}
     )
     assert status == 422 and body["errors"][0]["loc"] == ["body", "finished_at"]
+    assert await snapshot(db) == before
     # Set by the service: never earlier than a future started_at.
     status, body = await patch(client, job["job_id"], {"task_status": "ERROR"})
     assert status == 200 and body["finished_at"] == future
 
 
-async def test_finished_at_rules_without_a_transition(client: Client) -> None:
+async def test_finished_at_rules_without_a_transition(client: Client, db: Db) -> None:
     dep = await create_deployment(client)
     job = await create_job(client, dep["deployment_id"], started_at="2026-01-01T00:00:00Z")
+    before = await snapshot(db)
     status, body = await patch(client, job["job_id"], {"finished_at": "2026-01-02T00:00:00Z"})
     assert status == 409 and "PENDING" in body["detail"]
     status, body = await patch(
         client, job["job_id"], {"task_status": "RUNNING", "finished_at": "2026-01-02T00:00:00Z"}
     )
     assert status == 422
+    assert await snapshot(db) == before
     await patch(client, job["job_id"], {"task_status": "ERROR"})
     status, body = await patch(client, job["job_id"], {"finished_at": "2026-01-02T00:00:00Z"})
     assert status == 200 and body["finished_at"] == "2026-01-02T00:00:00.000Z"
-    for bad in (None, "2026-01-02", "yesterday", 1700000000):
+    before = await snapshot(db)
+    for bad in (None, "2026-01-02", "yesterday", 1700000000, "2025-12-31T23:59:59.999Z"):
         status, body = await patch(client, job["job_id"], {"finished_at": bad})
         assert status == 422, bad
+    assert await snapshot(db) == before
 
 
 async def test_concurrent_transitions_have_exactly_one_winner(client: Client) -> None:
@@ -159,18 +172,22 @@ async def test_concurrent_data_patches_on_different_keys_all_land(client: Client
     assert final["revision"] == 1 + n
 
 
-async def test_if_match(client: Client) -> None:
+async def test_if_match(client: Client, db: Db) -> None:
     dep = await create_deployment(client)
     job = await create_job(client, dep["deployment_id"])
+    before = await snapshot(db)
     status, body = await patch(client, job["job_id"], {"job_name": "x"}, **{"If-Match": '"7"'})
     assert status == 412
+    assert await snapshot(db) == before
     status, body = await patch(client, job["job_id"], {"job_name": "x"}, **{"If-Match": '"1"'})
     assert status == 200 and body["revision"] == 2 and body["job_name"] == "x"
+    before = await snapshot(db)
     status, _ = await patch(client, job["job_id"], {"job_name": "y"}, **{"If-Match": '"1"'})
     assert status == 412
     assert (await (await client.get(f"/jobs/{job['job_id']}")).json())["job_name"] == "x"
     resp = await client.delete(f"/jobs/{job['job_id']}", headers={"If-Match": '"1"'})
     assert resp.status == 412
+    assert await snapshot(db) == before
     resp = await client.delete(f"/jobs/{job['job_id']}", headers={"If-Match": '"2"'})
     assert resp.status == 204
 
@@ -218,13 +235,15 @@ async def test_plain_json_content_type_is_accepted_for_patch(client: Client) -> 
         {"data": {"a": {"$inc": 1}}},
     ],
 )
-async def test_bad_patches_are_422_and_change_nothing(client: Client, body: Any) -> None:
+async def test_bad_patches_are_422_and_change_nothing(client: Client, db: Db, body: Any) -> None:
     dep = await create_deployment(client)
     job = await create_job(client, dep["deployment_id"])
+    before = await snapshot(db)
     status, problem = await patch(client, job["job_id"], body)
     assert status == 422, problem
     assert problem["errors"]
     assert await (await client.get(f"/jobs/{job['job_id']}")).json() == job
+    assert await snapshot(db) == before
 
 
 async def test_delete_job(client: Client) -> None:

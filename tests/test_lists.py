@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -63,6 +65,93 @@ async def test_pages_cover_everything_once_in_order(
     key = "job_id" if sort.endswith("id") else "started_at"
     expected = sorted(items, key=lambda j: (j[key], j["job_id"]), reverse=sort.startswith("-"))
     assert ids == [j["job_id"] for j in expected]
+
+
+TIED = [f"2026-01-01T00:0{m}:00.000Z" for m in range(3)]  # 30 jobs, 10 on each instant
+
+
+@pytest.fixture
+async def tied(client: Client) -> list[dict[str, Any]]:
+    """Thirty jobs over two users' deployments, only three distinct started_at values, in
+    an order unrelated to their ids; some RUNNING, some FINISHED, some ERROR."""
+    deps = [await create_deployment(client), await create_deployment(client, user_id="bob")]
+    for i in range(30):
+        owner = i % 2
+        await create_job(
+            client,
+            deps[owner]["deployment_id"],
+            user_id=["alice", "bob"][owner],
+            started_at=TIED[(i * 7 // 3) % 3],
+        )
+    for job_id, steps in (
+        [(n, ["RUNNING"]) for n in range(1, 11)]
+        + [(n, ["FINISHED"]) for n in range(1, 5)]
+        + [(n, ["ERROR"]) for n in range(11, 14)]
+    ):
+        for step in steps:
+            resp = await client.patch(f"/jobs/{job_id}", json={"task_status": step})
+            assert resp.status == 200, await resp.text()
+    made: list[dict[str, Any]] = (await (await client.get("/jobs?limit=1000")).json())["items"]
+    assert sorted(Counter(j["started_at"] for j in made).values()) == [10, 10, 10]
+    return made
+
+
+TIE_FILTERS: list[tuple[str, Any]] = [
+    ("", lambda j: True),
+    ("user_id=bob", lambda j: j["user_id"] == "bob"),
+    ("deployment_id=1", lambda j: j["deployment_id"] == 1),
+    (
+        "task_status=RUNNING&task_status=FINISHED",
+        lambda j: j["task_status"] in ("RUNNING", "FINISHED"),
+    ),
+    (
+        "task_status=PENDING&user_id=alice",
+        lambda j: j["task_status"] == "PENDING" and j["user_id"] == "alice",
+    ),
+    (f"started_after={TIED[1]}", lambda j: j["started_at"] >= TIED[1]),
+    (f"started_before={TIED[2]}", lambda j: j["started_at"] < TIED[2]),
+    ("finished_after=2000-01-01T00:00:00Z", lambda j: j["finished_at"] is not None),
+    (
+        "finished_before=2999-01-01T00:00:00Z&user_id=alice",
+        lambda j: j["finished_at"] is not None and j["user_id"] == "alice",
+    ),
+]
+
+
+@pytest.mark.parametrize("sort", ["started_at", "-started_at"])
+@pytest.mark.parametrize(("query", "keep"), TIE_FILTERS, ids=[q or "all" for q, _ in TIE_FILTERS])
+async def test_pages_split_ties_of_the_sort_key_exactly(
+    client: Client, tied: list[dict[str, Any]], sort: str, query: str, keep: Any
+) -> None:
+    """Equal started_at across page boundaries: the `_id` tie-break decides, both ways."""
+    descending = sort.startswith("-")
+    wanted = sorted(
+        (j for j in tied if keep(j)),
+        key=lambda j: (j["started_at"], j["job_id"]),
+        reverse=descending,
+    )
+    assert len({j["started_at"] for j in wanted}) < len(wanted)  # ties to split
+    expected = [j["job_id"] for j in wanted]
+    paths = [f"/jobs?{query}&sort={sort}"]
+    if "deployment_id" in query:  # the deployment's own list takes the other filters
+        paths.append(f"/deployments/1/jobs?{query.replace('deployment_id=1', '')}&sort={sort}")
+    for path in paths:
+        split = 0  # page boundaries inside a run of equal started_at
+        for limit in (1, 3, 4):
+            pages: list[list[dict[str, Any]]] = []
+            url: str | None = f"{path}&limit={limit}"
+            while url:
+                resp = await client.get(url)
+                assert resp.status == 200, await resp.text()
+                body = await resp.json()
+                pages.append(body["items"])
+                link = resp.headers.get("Link")
+                url = link[1 : link.index(">")] if link else None
+            assert [j["job_id"] for page in pages for j in page] == expected, (path, limit)
+            split += sum(
+                a[-1]["started_at"] == b[0]["started_at"] for a, b in itertools.pairwise(pages) if b
+            )
+        assert split, path  # the case is not vacuous
 
 
 async def test_filters(client: Client, jobs: list[dict[str, Any]]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +15,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.stats import StatsQuery, deployment_stats_pipeline, job_stats_pipeline
 
-from .helpers import Client
+from .helpers import Client, create_deployment, create_job
 from .stats_data import (
     BASE,
     DEPLOYMENTS,
@@ -250,6 +252,63 @@ async def test_error_rate_is_null_when_nothing_ended(
     assert [g["key"] for g in body["groups"]] == [{"user_id": "alice"}, {"user_id": "bob"}]
     assert all(g["error_rate"] is None for g in body["groups"])
     assert body["totals"]["run_time_s"]["p95"] is None
+
+
+async def test_jobs_driven_through_the_api_with_real_waits(
+    client: Client, db: AsyncDatabase[Doc]
+) -> None:
+    """Create, wait, RUNNING, wait, FINISHED/ERROR over HTTP: the service's own timestamps
+    are BSON dates, and /stats measures the waits."""
+    dep = await create_deployment(client)
+    # (waits before RUNNING and before the end, the end) per job; None: no such step
+    plans = [(0.4, 0.6, "FINISHED"), (0.2, 0.3, "ERROR"), (None, 0.2, "ERROR"), (0.3, None, None)]
+    plans.append((None, None, None))  # stays PENDING
+    jobs = [await create_job(client, dep["deployment_id"]) for _ in plans]
+    waited: dict[int, list[float]] = {}
+
+    async def drive(job_id: int, queue: float | None, run: float | None, end: str | None) -> None:
+        t = time.monotonic()
+        for wait, status in [(queue, "RUNNING"), (run, end)]:
+            if wait is None or status is None:
+                continue
+            await asyncio.sleep(wait)
+            resp = await client.patch(f"/jobs/{job_id}", json={"task_status": status})
+            assert resp.status == 200, await resp.text()
+            now = time.monotonic()
+            waited.setdefault(job_id, []).append(now - t)
+            t = now
+
+    await asyncio.gather(*(drive(j["job_id"], *plan) for j, plan in zip(jobs, plans, strict=True)))
+
+    stored = await db.jobs.find().sort("_id", 1).to_list(None)
+    for doc in stored:  # BSON dates, not strings: what the pipelines compute with
+        assert isinstance(doc["started_at"], datetime) and doc["started_at"].tzinfo is not None
+        assert all(isinstance(h["at"], datetime) for h in doc["history"])
+        assert doc["finished_at"] is None or isinstance(doc["finished_at"], datetime)
+    dates = {"started_at": {"$type": "date"}, "history.0.at": {"$type": "date"}}
+    assert await db.jobs.count_documents(dates) == len(plans)
+    assert await db.jobs.count_documents({"finished_at": {"$type": "date"}}) == 3
+
+    totals = (await get_stats(client))["totals"]
+    assert totals["by_status"] == {"PENDING": 1, "RUNNING": 1, "FINISHED": 1, "ERROR": 2}
+    assert totals["error_rate"] == 2 / 3
+    # Exactly what the stored history says (the reference shares no code with the service) ...
+    assert rounded(totals) == rounded(expected_stats(stored)["totals"])
+    queue, run = totals["queue_time_s"], totals["run_time_s"]
+    assert (queue["samples"], run["samples"]) == (3, 2)
+    # ... and that is the time the test waited: at least each sleep, at most its round trip.
+    first, second, _, fourth, _ = (waited.get(j["job_id"], []) for j in jobs)
+    expected_queue = sorted([first[0], second[0], fourth[0]])
+    expected_run = sorted([first[1], second[1]])
+    assert queue["min"] >= 0.2 and run["min"] >= 0.3 and run["max"] >= 0.6
+    for got, measured in [
+        ((queue["min"], queue["p50"], queue["max"]), expected_queue),
+        ((run["min"], run["max"]), expected_run),
+    ]:
+        for value, wall in zip(got, measured, strict=True):
+            assert abs(value - wall) < 0.25, (got, measured)
+    history = (await (await client.get(f"/jobs/{jobs[0]['job_id']}")).json())["history"]
+    assert [h["task_status"] for h in history] == ["PENDING", "RUNNING", "FINISHED"]
 
 
 # --- bad input -----------------------------------------------------------------------------

@@ -1,18 +1,14 @@
-"""Bulk import and export of deployments and jobs as NDJSON streams.
+"""POST /import/{kind}: NDJSON in, bulk writes out, every bad line reported and skipped.
 
-`POST /import/{kind}` reads the body line by line (never the whole body), validates each
-record with the rules of the rest of the API, and writes batches with unordered bulk
-writes. While one batch is written, the next is read and validated. Every bad line is
-reported and skipped; the rest goes in.
+The body is read line by line (never the whole body, LineReader), each line validated
+with the rules of the rest of the API (records.py), and batches are written with
+unordered bulk writes. While one batch is written, the next is read and validated.
 
 A client that disconnects (or a database that fails) mid-import leaves the batches
 already written in place: an import is not a transaction. Retrying the same file with
 `?on_conflict=skip` inserts exactly what is missing, because records that carry their
 ids are recognised as already there. (Records without ids get new ids each time, so only
 imports that give ids are safely retryable; an export always gives them.)
-
-`GET /export/{kind}` streams the public shape of every matching record, sorted by id,
-from a driver cursor, so memory stays constant and an export re-imports exactly.
 """
 
 from __future__ import annotations
@@ -25,288 +21,36 @@ import logging
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal
 
-import orjson
-import pydantic_core
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-    model_validator,
-)
 from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from .auth import ANONYMOUS_ADMIN, Principal, owner_filter, principal
-from .database import DB, Doc, analytics_source, analytics_time_limit, ensure_counter, next_ids
-from .errors import BadRequest, Problem, UnsupportedMediaType, ValidationFailed, bad_query
+from .auth import ANONYMOUS_ADMIN, OwnerRequired, Principal, principal
+from .database import DB, Doc, next_ids, raise_counter
+from .errors import BadRequest, UnsupportedMediaType, bad_query
 from .http import check_query, deadline_stream, json_response
-from .lifecycle import TERMINAL, TaskStatus, default_history, history_problem
-from .merge_patch import MAX_DATA_DEPTH, data_errors
+from .jobs import confirm_deployments
 from .metrics import IMPORT_ROWS
-from .pagination import DEPLOYMENT_FILTERS, JOB_FILTERS, PAGING, FilterKind, parse_filters
-from .results import MAX_CONTENT_TYPE, MAX_METADATA, MEDIA_TYPE, check_name
-from .schemas import (
-    Name,
-    OwnerId,
-    Parameters,
-    PositiveId,
-    Timestamp,
-    error_summary,
-    public_deployment,
-    public_job,
-    validation_errors,
-)
-from .settings import SETTINGS
-from .store import now
+from .records import NDJSON, DeploymentRecord, JobRecord, Record, RecordError, parse_record
+from .store import alongside, now
 
 log = logging.getLogger(__name__)
 
-NDJSON = "application/x-ndjson"
 BATCH_RECORDS = 1000  # records per bulk write
 BATCH_BYTES = 8 * 1024 * 1024  # ... or fewer, when the lines are large
 MAX_LINE = 16 * 1024 * 1024  # MongoDB's largest document: no valid record is longer
 MAX_ERRORS = 1000  # errors listed in the answer; `failed` counts them all
 KNOWN_PARENTS_CACHE = 100_000
-EXPORT_BATCH = 1000  # documents a cursor batch, read while the last one is written
-EXPORT_SLICE = 100  # documents a write
 OnConflict = Literal["fail", "skip", "replace"]
 ON_CONFLICT: tuple[OnConflict, ...] = ("fail", "skip", "replace")
 DUPLICATE_KEY, BAD_VALUE = 11000, 2  # server error codes
-A = TypeVar("A")
-B = TypeVar("B")
-
-
-class RecordError(Exception):
-    """One line cannot be imported; `detail` says why."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-
-# --- records ---------------------------------------------------------------------------
-
-Status = Annotated[TaskStatus, Field(strict=False)]  # from its string
-# A given id moves the counter past it; half of the id space stays for the service, so
-# no import can leave it without ids to hand out.
-MAX_GIVEN_ID = 2**62
-GivenId = Annotated[StrictInt, Field(ge=1, le=MAX_GIVEN_ID)]
-Revision = Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
-
-
-def _result_name(name: str) -> str:
-    try:
-        return check_name(name)  # the rules of PUT /jobs/{job_id}/results/{name}
-    except Problem as exc:
-        raise ValueError(exc.errors[0]["msg"] if exc.errors else exc.detail) from None
-
-
-def _media_type(value: str) -> str:
-    if len(value) > MAX_CONTENT_TYPE or not MEDIA_TYPE.fullmatch(value):
-        raise ValueError(f"must be a media type such as 'text/csv', at most {MAX_CONTENT_TYPE}")
-    return value
-
-
-ResultName = Annotated[StrictStr, AfterValidator(_result_name)]
-MediaType = Annotated[StrictStr, AfterValidator(_media_type)]
-
-
-class Record(BaseModel):
-    """A line of an import: the public shape, ids and service-kept fields optional."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    not_null: ClassVar[frozenset[str]] = frozenset()  # optional, but never null
-    user_id: OwnerId = None  # omitted: the caller (auth.Principal.claim)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_nulls(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            nulls = sorted(name for name in cls.not_null if name in values and values[name] is None)
-            if nulls:
-                raise ValueError(f"{', '.join(nulls)}: may not be null (leave it out instead)")
-        return values
-
-    def record_id(self) -> int | None:
-        raise NotImplementedError
-
-    def complete(self, at: datetime) -> None:
-        """Fill in defaults (`at` is now) and check the rules across fields."""
-
-    def parent_id(self) -> int | None:
-        """The deployment a job belongs to."""
-        return None
-
-    def document(self, record_id: int) -> Doc:
-        raise NotImplementedError
-
-    def data_values(self) -> list[tuple[list[str | int], Any]]:
-        """Every value that follows the rules of `data`, with where it is."""
-        return []
-
-
-class DeploymentRecord(Record):
-    not_null = frozenset({"deployment_id", "created"})
-    deployment_id: GivenId | None = None
-    deployment_name: Name | None = None
-    created: Timestamp | None = None
-    parameters: Parameters = ""
-    data: Any = Field(default_factory=dict)
-    revision: Revision = 1
-
-    def record_id(self) -> int | None:
-        return self.deployment_id
-
-    def complete(self, at: datetime) -> None:
-        self.created = self.created or at
-
-    def document(self, record_id: int) -> Doc:
-        return {
-            "_id": record_id,
-            "deployment_name": self.deployment_name,
-            "user_id": self.user_id,
-            "created": self.created,
-            "parameters": self.parameters,
-            "data": self.data,
-            "revision": self.revision,
-        }
-
-    def data_values(self) -> list[tuple[list[str | int], Any]]:
-        return [(["data"], self.data)]
-
-
-class HistoryRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    task_status: Status
-    at: Timestamp
-
-
-class ResultRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: ResultName
-    content_type: MediaType
-    size: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
-    sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
-    created: Timestamp
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class JobRecord(Record):
-    not_null = frozenset({"job_id", "started_at", "history"})
-    job_id: GivenId | None = None
-    job_name: Name | None = None
-    deployment_id: PositiveId
-    started_at: Timestamp | None = None
-    finished_at: Timestamp | None = None
-    parameters: Parameters = ""
-    data: Any = Field(default_factory=dict)
-    task_status: Status = TaskStatus.PENDING
-    results: list[ResultRecord] = Field(default_factory=list)
-    history: list[HistoryRecord] | None = None
-    revision: Revision = 1
-
-    def record_id(self) -> int | None:
-        return self.job_id
-
-    def parent_id(self) -> int | None:
-        return self.deployment_id
-
-    def complete(self, at: datetime) -> None:
-        """The status rules of the API, for a job that may already have lived its life.
-
-        Defaults: `started_at` now; `finished_at` the time of the last history entry; a
-        missing `history` is the shortest allowed path to `task_status`, entered at
-        `started_at` and, for FINISHED and ERROR, left at `finished_at`.
-        """
-        started = self.started_at = self.started_at or at
-        status, history = self.task_status, self.history
-        if status in TERMINAL and self.finished_at is None and history:
-            self.finished_at = history[-1].at
-        if status in TERMINAL and self.finished_at is None:
-            raise RecordError(f"finished_at: required when task_status is {status.value}")
-        if status not in TERMINAL and self.finished_at is not None:
-            raise RecordError("finished_at: must be null unless task_status is FINISHED or ERROR")
-        if self.finished_at is not None and self.finished_at < started:
-            raise RecordError("finished_at: is before started_at")
-        if history is None:
-            history = self.history = [
-                HistoryRecord.model_construct(task_status=status, at=at)
-                for status, at in default_history(status, started, self.finished_at)
-            ]
-        entries = [(h.task_status, h.at) for h in history]
-        if problem := history_problem(entries, status, started):
-            raise RecordError(problem)
-        self.check_results()
-
-    def check_results(self) -> None:
-        """Entries only: a bulk import moves no file bytes (their download says so)."""
-        names = set()
-        for n, result in enumerate(self.results):
-            if result.name in names:
-                raise RecordError(f"results.{n}.name: {result.name!r} is listed twice")
-            names.add(result.name)
-            if len(orjson.dumps(result.metadata)) > MAX_METADATA:
-                raise RecordError(f"results.{n}.metadata: larger than {MAX_METADATA} bytes")
-
-    def document(self, record_id: int) -> Doc:
-        return {
-            "_id": record_id,
-            "job_name": self.job_name,
-            "user_id": self.user_id,
-            "deployment_id": self.deployment_id,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "parameters": self.parameters,
-            "data": self.data,
-            "task_status": self.task_status.value,
-            "results": [r.model_dump() for r in self.results],
-            "history": [
-                {"task_status": h.task_status.value, "at": h.at} for h in self.history or []
-            ],
-            "revision": self.revision,
-        }
-
-    def data_values(self) -> list[tuple[list[str | int], Any]]:
-        values: list[tuple[list[str | int], Any]] = [(["data"], self.data)]
-        for n, result in enumerate(self.results):
-            values.append((["results", n, "metadata"], result.metadata))
-        return values
-
-
-def parse_record(model: type[Record], line: bytes) -> Record:
-    """One line to a valid record, or a RecordError naming every problem found."""
-    try:
-        obj = pydantic_core.from_json(line, allow_inf_nan=False)
-    except ValueError as exc:
-        if "recursion limit" in str(exc):
-            raise RecordError(f"nested deeper than {MAX_DATA_DEPTH} levels") from None
-        raise RecordError(f"not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise RecordError("must be a JSON object")
-    try:
-        record = model.model_validate(obj)
-    except ValidationError as exc:
-        raise RecordError(error_summary(validation_errors(exc, prefix=()))) from None
-    for loc, value in record.data_values():
-        if errors := data_errors(value, loc):
-            raise RecordError(error_summary(errors))
-    return record
-
-
-# --- kinds -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -314,21 +58,12 @@ class Kind:
     name: str  # the collection and the counter
     id_field: str
     model: type[Record]
-    public: Callable[[Doc], Doc]
-    filters: dict[str, tuple[str, FilterKind]]
     has_parent: bool  # jobs must name an existing deployment
 
 
 KINDS = {
-    "deployments": Kind(
-        "deployments",
-        "deployment_id",
-        DeploymentRecord,
-        public_deployment,
-        DEPLOYMENT_FILTERS,
-        has_parent=False,
-    ),
-    "jobs": Kind("jobs", "job_id", JobRecord, public_job, JOB_FILTERS, has_parent=True),
+    "deployments": Kind("deployments", "deployment_id", DeploymentRecord, has_parent=False),
+    "jobs": Kind("jobs", "job_id", JobRecord, has_parent=True),
 }
 
 
@@ -522,7 +257,7 @@ class Importer:
             except RecordError as exc:
                 batch.fail(number, exc.detail)
                 continue
-            except ValidationFailed:  # no user_id, and auth disabled: nobody to default to
+            except OwnerRequired:  # no user_id, and auth disabled: nobody to default to
                 batch.fail(number, "user_id: Field required")
                 continue
             record_id = record.record_id()
@@ -655,7 +390,7 @@ class Importer:
         jobs.create_job does), so no import leaves a job without its deployment.
         """
         ids: set[int] = {batch.docs[i]["deployment_id"] for i in written}
-        gone = ids - (await self.existing_parents(ids)).keys() if ids else set()
+        gone = ids - await confirm_deployments(self.db, ids, {}) if ids else set()
         if not gone:
             return written
         for parent in gone:
@@ -685,12 +420,6 @@ def count_rows(kind: str, batch: Batch) -> None:
     for outcome, rows in outcomes.items():
         if rows:
             IMPORT_ROWS.labels(kind=kind, outcome=outcome).inc(rows)
-
-
-async def raise_counter(db: AsyncDatabase[Doc], kind: str, value: int) -> None:
-    """Move the id counter to at least `value`, so ids handed out later never collide."""
-    while not (await db.counters.update_one({"_id": kind}, {"$max": {"seq": value}})).matched_count:
-        await ensure_counter(db, kind)
 
 
 async def import_records(request: web.Request, kind_name: str) -> web.Response:
@@ -739,72 +468,6 @@ async def import_records(request: web.Request, kind_name: str) -> web.Response:
     return json_response(dataclasses.asdict(report))
 
 
-# --- exporting -------------------------------------------------------------------------
-
-
-async def export_records(request: web.Request, kind_name: str) -> web.StreamResponse:
-    """The list filters, sorted by id, streamed from one cursor with backpressure."""
-    kind = KINDS[kind_name]
-    for name in request.query:
-        if name in PAGING:
-            raise bad_query(name, "unknown query parameter (an export is neither paged nor sorted)")
-    flt = parse_filters(request.query, kind.filters, fixed=owner_filter(request))
-    settings = request.app[SETTINGS]
-    source = await analytics_source(request.app[DB].db, settings)  # may be a secondary
-    cursor = source[kind.name].find(flt).sort("_id", 1).batch_size(EXPORT_BATCH)
-    try:
-        # Each read has MONGODB_ANALYTICS_TIMEOUT_MS: the first may sort the whole collection.
-        with analytics_time_limit(settings):
-            batch = await cursor.to_list(EXPORT_BATCH)  # a database that is down is a 503
-        response = web.StreamResponse(headers={"Content-Type": NDJSON})
-        await response.prepare(request)
-        try:
-            while batch:  # the next batch is read while this one is written
-                with analytics_time_limit(settings):
-                    batch, _ = await alongside(
-                        cursor.to_list(EXPORT_BATCH), write_lines(response, kind, batch)
-                    )
-            await response.write_eof()
-        except ConnectionError:
-            log.info("export of %s: the client went away", kind.name)
-        except Exception:
-            # The status is sent: break the stream off so the client sees it incomplete.
-            log.exception("export of %s failed mid-stream", kind.name)
-            if request.transport is not None:
-                request.transport.close()
-        return response
-    finally:
-        await cursor.close()
-
-
-async def write_lines(response: web.StreamResponse, kind: Kind, docs: list[Doc]) -> None:
-    """In slices, so that the read of the next batch gets going early."""
-    dumps, public = orjson.dumps, kind.public
-    for start in range(0, len(docs), EXPORT_SLICE):
-        slice_ = docs[start : start + EXPORT_SLICE]
-        await response.write(b"".join([dumps(public(doc)) + b"\n" for doc in slice_]))
-
-
-async def alongside(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:
-    """Run both at once (`first` starts first); if one fails, the other is cancelled and
-    the error is raised as it is.
-    """
-    try:
-        async with asyncio.TaskGroup() as group:
-            one, two = group.create_task(first), group.create_task(second)
-    except BaseExceptionGroup as exc:
-        raise exc.exceptions[0] from None
-    return one.result(), two.result()
-
-
 routes = [
-    route
-    for name in KINDS
-    for route in (
-        web.post(f"/import/{name}", functools.partial(import_records, kind_name=name)),
-        # HEAD would run the whole export to throw it away: not offered (405).
-        web.get(
-            f"/export/{name}", functools.partial(export_records, kind_name=name), allow_head=False
-        ),
-    )
+    web.post(f"/import/{name}", functools.partial(import_records, kind_name=name)) for name in KINDS
 ]
