@@ -122,6 +122,7 @@ async def _end(db: AsyncDatabase[Doc], job_id: int, why: str, grace: datetime) -
 
     def decide(change: Change) -> None:
         nonlocal ended
+        ended = False  # decided anew on every attempt
         stored, at = change.stored, now()
         lease: dict[str, Any] | None = stored.get("lease")
         asked: datetime | None = stored.get("cancel_requested_at")

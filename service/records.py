@@ -21,11 +21,13 @@ from .models import Doc, deployment_document, job_document
 from .schemas import (
     MAX_CONTENT_TYPE,
     MAX_METADATA,
+    Executor,
     JSONError,
     Name,
     OwnerId,
     Parameters,
     PositiveId,
+    Reason,
     Status,
     Strict,
     Timestamp,
@@ -127,6 +129,13 @@ class DeploymentRecord(Record):
 class HistoryRecord(Strict):
     task_status: Status
     at: Timestamp
+    reason: Reason | None = None
+    executor: Executor | None = None
+
+
+class LeaseRecord(Strict):
+    executor: Executor
+    expires_at: Timestamp
 
 
 class ResultRecord(Strict):
@@ -151,6 +160,12 @@ class JobRecord(Record):
     results: list[ResultRecord] = Field(default_factory=list)
     history: list[HistoryRecord] | None = None
     revision: Revision = 1
+    lease: LeaseRecord | None = None
+    cancel_requested_at: Timestamp | None = None
+    cancel_reason: Reason | None = None
+    status_reason: Reason | None = None
+    attempt: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)] = 1
+    retry_of: GivenId | None = None
 
     def record_id(self) -> int | None:
         return self.job_id
@@ -183,6 +198,14 @@ class JobRecord(Record):
         entries = [(h.task_status, h.at) for h in history]
         if problem := history_problem(entries, status, started):
             raise RecordError(problem)
+        if self.lease is not None and status != TaskStatus.RUNNING:
+            raise RecordError("lease: only a RUNNING job has one")
+        if self.cancel_requested_at is not None and status == TaskStatus.PENDING:
+            raise RecordError(
+                "cancel_requested_at: a PENDING job is cancelled at once, never asked"
+            )
+        if self.cancel_reason is not None and self.cancel_requested_at is None:
+            raise RecordError("cancel_reason: given without cancel_requested_at")
         self.check_results()
 
     def check_results(self) -> None:
@@ -208,8 +231,14 @@ class JobRecord(Record):
             data=self.data,
             task_status=self.task_status,
             results=[r.model_dump() for r in self.results],
-            history=[{"task_status": h.task_status, "at": h.at} for h in self.history or []],
+            history=[h.model_dump() for h in self.history or []],
             revision=self.revision,
+            lease=self.lease.model_dump() if self.lease is not None else None,
+            cancel_requested_at=self.cancel_requested_at,
+            cancel_reason=self.cancel_reason,
+            status_reason=self.status_reason,
+            attempt=self.attempt,
+            retry_of=self.retry_of,
         )
 
     def data_values(self) -> list[tuple[list[str | int], Any]]:
