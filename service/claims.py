@@ -37,7 +37,7 @@ from .wakeups import WAKEUPS, Wakeups
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-CANDIDATES = 16  # due jobs read per claim attempt; concurrent claims spread over them
+CANDIDATES = 64  # due jobs read per claim attempt; concurrent claims spread over them
 MAX_ROUNDS = 50  # reads of the due jobs per claim attempt
 SWEEP_BATCH = 1000  # jobs one sweep ends at most per kind; the next sweep takes the rest
 STOP_TIMEOUT_S = 5.0  # at shutdown, for the sweep under way
