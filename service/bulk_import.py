@@ -40,6 +40,7 @@ from .jobs import confirm_deployments
 from .metrics import IMPORT_ROWS
 from .records import NDJSON, DeploymentRecord, JobRecord, Record, RecordError, parse_record
 from .store import alongside, now
+from .wakeups import WAKEUPS
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +466,8 @@ async def import_records(request: web.Request, kind_name: str) -> web.Response:
         report.failed,
         asyncio.get_running_loop().time() - started,
     )
+    if kind.name == "jobs" and report.inserted + report.replaced:
+        request.app[WAKEUPS].notify()  # waiting claims may take the new jobs
     return json_response(dataclasses.asdict(report))
 
 

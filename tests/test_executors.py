@@ -13,6 +13,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
 from service.claims import sweep
+from service.database import DB
 from service.settings import Settings
 from service.wakeups import POLL_S
 from tests.helpers import Client, Users, create_deployment, create_job, snapshot
@@ -459,3 +460,30 @@ async def test_bad_idempotency_keys_are_400(client: Client) -> None:
     long_key = {"Idempotency-Key": "x" * 201}
     resp = await client.post("/deployments", json={"user_id": "alice"}, headers=long_key)
     assert resp.status == 400
+
+
+async def test_executor_fields_round_trip_through_export_and_import(
+    aiohttp_client: Any, client: Client, settings: Settings
+) -> None:
+    dep = await create_deployment(client)
+    for _ in range(3):
+        await create_job(client, dep["deployment_id"])
+    await claim(client, "ex-a")  # RUNNING with a lease
+    await claim(client, "ex-b")
+    await client.post("/jobs/2/cancel", json={"reason": "enough"})  # asked
+    await patch(client, 3, {"task_status": "ERROR", "status_reason": "bad input"})
+    await client.post("/jobs/3/retry")  # attempt 2, retry_of 3
+    exported = {}
+    for kind in ("deployments", "jobs"):
+        exported[kind] = await (await client.get(f"/export/{kind}")).read()
+    other_db = settings.model_copy(update={"mongodb_db": settings.mongodb_db + "_copy"})
+    copy: Client = await aiohttp_client(create_app(other_db))
+    for kind in ("deployments", "jobs"):
+        resp = await copy.post(f"/import/{kind}", data=exported[kind], headers=NDJSON)
+        assert (await resp.json())["failed"] == 0, await resp.text()
+    again = await (await copy.get("/export/jobs")).read()
+    assert again == exported["jobs"]
+    jobs = [orjson.loads(line) for line in again.splitlines()]
+    assert {j["job_id"]: j["attempt"] for j in jobs} == {1: 1, 2: 1, 3: 1, 4: 2}
+    assert jobs[1]["cancel_reason"] == "enough" and jobs[0]["lease"]["executor"] == "ex-a"
+    await copy.app[DB].client.drop_database(other_db.mongodb_db)
