@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
+	$(BIN)/ruff check service tests bench examples
+	$(BIN)/ruff format --check service tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 	@if command -v docker-compose >/dev/null; then docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml: valid"; \
