@@ -475,3 +475,22 @@ async def test_two_service_processes_create_jobs_concurrently(
     ids = [job_id for ids in made for job_id in ids]
     assert sorted(ids) == list(range(1, len(ids) + 1))  # unique, no gaps
     assert [job["job_id"] for job in page["items"]] == sorted(ids)  # nothing lost
+
+
+async def test_a_waiting_claim_whose_client_left_takes_no_job(
+    tmp_path: Path, http: aiohttp.ClientSession, mongodb_url: str, settings: Settings
+) -> None:
+    """A real server runs a handler on after its client disconnects (aiohttp's default;
+    the test server cancels it instead): the claim must notice, not take the next job."""
+    env = {"MONGODB_URL": mongodb_url, "MONGODB_DB": settings.mongodb_db}
+    with running(start_service(tmp_path, "claims", **env)) as service:
+        _, _, dep = await call(http, "POST", f"{service.url}/deployments", {"user_id": "alice"})
+        impatient = aiohttp.ClientTimeout(total=0.5)
+        with contextlib.suppress(TimeoutError):
+            body = {"executor": "gone", "wait_s": 10}
+            await http.post(f"{service.url}/jobs/claim", json=body, timeout=impatient)
+        job_body = {"user_id": "alice", "deployment_id": dep["deployment_id"]}
+        _, _, job = await call(http, "POST", f"{service.url}/jobs", job_body)
+        await asyncio.sleep(2.5)  # the abandoned claim woke up and looked meanwhile
+        _, _, got = await call(http, "GET", f"{service.url}/jobs/{job['job_id']}")
+        assert got["task_status"] == "PENDING", got
