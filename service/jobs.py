@@ -30,6 +30,7 @@ from .lifecycle import (
     ending_reason,
     transition_problem,
 )
+from .metrics import CANCELS
 from .models import job_document
 from .pagination import JOB_FILTERS, JOB_SORTS, parse_list_query
 from .schemas import CancelBody, JobCreate, JobPatch, NoBody, public_job, rfc3339
@@ -166,11 +167,15 @@ async def patch_job(
 
 async def cancel_job(
     db: AsyncDatabase[Doc], job_id: int, reason: str | None, revision: int | None, owner: Doc
-) -> Doc:
+) -> tuple[Doc, bool]:
     """PENDING: ERROR now. RUNNING: ask its executor (heartbeats say so; the sweeper ends it
-    after CANCEL_GRACE_S). Ended: 409. Asking again changes nothing."""
+    after CANCEL_GRACE_S). Ended: 409. Asking again changes nothing. The job, and whether
+    this call changed it."""
+    changed = False
 
     def decide(change: Change) -> None:
+        nonlocal changed
+        changed = True  # decided anew on every attempt
         stored = change.stored
         status = stored.get("task_status")
         if status == TaskStatus.PENDING:
@@ -179,6 +184,7 @@ async def cancel_job(
         elif status == TaskStatus.RUNNING:
             if stored.get("cancel_requested_at") is not None:
                 change.unchanged = True  # asked already: the first request stands
+                changed = False
             else:
                 change.set("cancel_requested_at", now())
                 change.set("cancel_reason", reason)
@@ -187,7 +193,8 @@ async def cancel_job(
                 f"Job {job_id} has already ended ({status}); there is nothing to cancel."
             )
 
-    return await update_record(db.jobs, job_id, decide, revision, "job", owner)
+    doc = await update_record(db.jobs, job_id, decide, revision, "job", owner)
+    return doc, changed
 
 
 async def retry_job(db: AsyncDatabase[Doc], job_id: int, owner: Doc) -> Doc:
@@ -284,8 +291,10 @@ async def cancel(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     body = await read_optional_body(request, CancelBody)
     revision, owner = if_match(request), owner_filter(request)
-    doc = await cancel_job(request.app[DB].db, job_id, body.reason, revision, owner)
+    doc, changed = await cancel_job(request.app[DB].db, job_id, body.reason, revision, owner)
     ended = doc["task_status"] == TaskStatus.ERROR
+    if changed:  # a repeated request for a RUNNING job changes nothing and counts nothing
+        CANCELS.labels("ended" if ended else "requested").inc()
     # Ended now (it was PENDING): 200; its executor was asked to end it: 202.
     return record_response(public_job(doc), 200 if ended else 202)
 

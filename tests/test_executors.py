@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
@@ -351,6 +352,31 @@ async def test_cancel_of_an_ended_or_unknown_job(client: Client) -> None:
     assert (await client.post("/jobs/999/cancel")).status == 404
     bad = await client.post(f"/jobs/{job['job_id']}/cancel", json={"reason": ""})
     assert bad.status == 422
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_claims_and_cancels_are_counted(client: Client) -> None:
+    """Metrics are per process: compare before and after."""
+    cancels = "jobservice_cancels_total"
+    before = {
+        "claims": metric("jobservice_claims_total"),
+        "ended": metric(cancels, outcome="ended"),
+        "requested": metric(cancels, outcome="requested"),
+    }
+    dep = await create_deployment(client)
+    running = await create_job(client, dep["deployment_id"])
+    await claim(client)
+    pending = await create_job(client, dep["deployment_id"])
+    assert (await client.post(f"/jobs/{pending['job_id']}/cancel")).status == 200
+    for _ in range(3):  # asked once; the repeats change nothing and count nothing
+        assert (await client.post(f"/jobs/{running['job_id']}/cancel")).status == 202
+    assert (await client.post(f"/jobs/{pending['job_id']}/cancel")).status == 409
+    assert metric("jobservice_claims_total") - before["claims"] == 1
+    assert metric(cancels, outcome="ended") - before["ended"] == 1
+    assert metric(cancels, outcome="requested") - before["requested"] == 1
 
 
 # --- status_reason on PATCH -------------------------------------------------------------
