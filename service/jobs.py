@@ -39,6 +39,10 @@ from .wakeups import WAKEUPS
 
 routes = web.RouteTableDef()
 DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
+# One job. `claim` is no job id: /jobs/claim is POST /jobs/claim's path (claims.py), so
+# another method there is 405 with `Allow: POST` rather than a 404 for job 'claim'. The
+# route's template (metrics, logs) is still /jobs/{job_id}.
+ONE_JOB = "/jobs/{job_id:(?!claim$)[^{}/]+}"
 # What a retry copies from the job it retries.
 RETRIED_FIELDS = ("user_id", "deployment_id", "job_name", "parameters", "data")
 
@@ -269,7 +273,7 @@ async def list_for_deployment(request: web.Request) -> web.Response:
     return page_response(request, page, public_job)
 
 
-@routes.get("/jobs/{job_id}")
+@routes.get(ONE_JOB)
 async def get_one(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     check_query(request)
@@ -277,7 +281,7 @@ async def get_one(request: web.Request) -> web.Response:
     return record_response(public_job(doc))
 
 
-@routes.patch("/jobs/{job_id}")
+@routes.patch(ONE_JOB)
 async def patch(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     body = await read_body(request, JobPatch, patch=True)
@@ -312,7 +316,7 @@ async def retry(request: web.Request) -> web.Response:
     return await idempotent(request, make)
 
 
-@routes.delete("/jobs/{job_id}")
+@routes.delete(ONE_JOB)
 async def delete(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     check_query(request)
