@@ -124,6 +124,15 @@ async def test_bad_claims_are_422_and_take_nothing(
     assert await snapshot(db) == before
 
 
+@pytest.mark.parametrize("method", ["GET", "PATCH", "DELETE", "PUT"])
+async def test_other_methods_on_the_claim_path_are_405(client: Client, method: str) -> None:
+    """/jobs/claim is no job: not a 404 for job 'claim', but 405 naming POST."""
+    resp = await client.request(method, "/jobs/claim", json={"executor": "e"})
+    assert resp.status == 405 and resp.headers["Allow"] == "POST"
+    assert (await resp.json())["type"] == "/problems/method-not-allowed"
+    assert (await client.get("/jobs/claimx")).status == 404  # other non-ids are still 404
+
+
 async def drain(clients: list[Client], executors: int) -> list[int]:
     """`executors` loops (spread over `clients`) claim and finish jobs until none is left."""
     claimed: list[int] = []
