@@ -72,6 +72,12 @@ def job_record(job_id: int, deployment_id: int, **fields: Any) -> dict[str, Any]
         "results": [],
         "history": [{"task_status": "PENDING", "at": T0}],
         "revision": 1,
+        "lease": None,
+        "cancel_requested_at": None,
+        "cancel_reason": None,
+        "status_reason": None,
+        "attempt": 1,
+        "retry_of": None,
         **fields,
     }
 
