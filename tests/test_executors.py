@@ -476,6 +476,12 @@ async def test_idempotency_key_on_deployments_and_retries(
     ]
     assert [r.status for r in retries] == [201] * 3
     assert await db.jobs.count_documents({}) == 2
+    # No body and {} are the same request.
+    same = await client.post(
+        f"/jobs/{job['job_id']}/retry", json={}, headers={"Idempotency-Key": "r"}
+    )
+    assert same.status == 201 and same.headers["Idempotent-Replayed"] == "true"
+    assert await db.jobs.count_documents({}) == 2
     # A key is per user and per request: the same key for a deployment is not a retry.
     assert (await client.post(f"/jobs/{job['job_id']}/retry", headers=headers)).status == 422
 
