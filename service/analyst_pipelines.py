@@ -170,7 +170,43 @@ db.jobs.aggregate([
 ])""",
 )
 
-PIPELINES = [FAILURE_RATE, P95_RUN_TIME, STUCK_RUNNING, BUSIEST_HOURS, RESULTS_VOLUME]
+EXPIRED_LEASES = AnalystPipeline(
+    "expired_leases",
+    "Expired leases per executor",
+    "Claimed jobs that the service ended because their executor stopped heartbeating "
+    '(ERROR with `status_reason` `"lease expired"`), per executor (the `executor` of the '
+    "job's last RUNNING `history` entry, the one whose claim made it RUNNING), with the "
+    "latest such end; most first.",
+    """\
+db.jobs.aggregate([
+  {"$match": {"task_status": "ERROR", "status_reason": "lease expired"}},
+  {"$project": {
+    "finished_at": 1,
+    "executor": {"$let": {
+      "vars": {"r": {"$last": {"$filter": {
+        "input": "$history", "cond": {"$eq": ["$$this.task_status", "RUNNING"]}
+      }}}},
+      "in": "$$r.executor"
+    }}
+  }},
+  {"$group": {
+    "_id": "$executor",
+    "expired": {"$sum": 1},
+    "last_expired_at": {"$max": "$finished_at"}
+  }},
+  {"$project": {"_id": 0, "executor": "$_id", "expired": 1, "last_expired_at": 1}},
+  {"$sort": {"expired": -1, "executor": 1}}
+])""",
+)
+
+PIPELINES = [
+    FAILURE_RATE,
+    P95_RUN_TIME,
+    STUCK_RUNNING,
+    BUSIEST_HOURS,
+    RESULTS_VOLUME,
+    EXPIRED_LEASES,
+]
 
 
 if __name__ == "__main__":

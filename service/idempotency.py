@@ -108,7 +108,8 @@ def _digest(text: str) -> str:
 
 
 def _canonical(raw: bytes) -> str:
-    """The body as one spelling of its JSON (key order and spacing do not matter)."""
+    """The body as one spelling of its JSON (key order and spacing do not matter). No body
+    is `{}`: where a body may be left out (a retry), the two mean the same."""
     if not raw.strip():
-        return ""
+        return "{}"
     return json.dumps(pydantic_core.from_json(raw), sort_keys=True, separators=(",", ":"))

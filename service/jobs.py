@@ -30,6 +30,7 @@ from .lifecycle import (
     ending_reason,
     transition_problem,
 )
+from .metrics import CANCELS
 from .models import job_document
 from .pagination import JOB_FILTERS, JOB_SORTS, parse_list_query
 from .schemas import CancelBody, JobCreate, JobPatch, NoBody, public_job, rfc3339
@@ -38,6 +39,10 @@ from .wakeups import WAKEUPS
 
 routes = web.RouteTableDef()
 DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
+# One job. `claim` is no job id: /jobs/claim is POST /jobs/claim's path (claims.py), so
+# another method there is 405 with `Allow: POST` rather than a 404 for job 'claim'. The
+# route's template (metrics, logs) is still /jobs/{job_id}.
+ONE_JOB = "/jobs/{job_id:(?!claim$)[^{}/]+}"
 # What a retry copies from the job it retries.
 RETRIED_FIELDS = ("user_id", "deployment_id", "job_name", "parameters", "data")
 
@@ -166,11 +171,15 @@ async def patch_job(
 
 async def cancel_job(
     db: AsyncDatabase[Doc], job_id: int, reason: str | None, revision: int | None, owner: Doc
-) -> Doc:
+) -> tuple[Doc, bool]:
     """PENDING: ERROR now. RUNNING: ask its executor (heartbeats say so; the sweeper ends it
-    after CANCEL_GRACE_S). Ended: 409. Asking again changes nothing."""
+    after CANCEL_GRACE_S). Ended: 409. Asking again changes nothing. The job, and whether
+    this call changed it."""
+    changed = False
 
     def decide(change: Change) -> None:
+        nonlocal changed
+        changed = True  # decided anew on every attempt
         stored = change.stored
         status = stored.get("task_status")
         if status == TaskStatus.PENDING:
@@ -179,6 +188,7 @@ async def cancel_job(
         elif status == TaskStatus.RUNNING:
             if stored.get("cancel_requested_at") is not None:
                 change.unchanged = True  # asked already: the first request stands
+                changed = False
             else:
                 change.set("cancel_requested_at", now())
                 change.set("cancel_reason", reason)
@@ -187,7 +197,8 @@ async def cancel_job(
                 f"Job {job_id} has already ended ({status}); there is nothing to cancel."
             )
 
-    return await update_record(db.jobs, job_id, decide, revision, "job", owner)
+    doc = await update_record(db.jobs, job_id, decide, revision, "job", owner)
+    return doc, changed
 
 
 async def retry_job(db: AsyncDatabase[Doc], job_id: int, owner: Doc) -> Doc:
@@ -262,7 +273,7 @@ async def list_for_deployment(request: web.Request) -> web.Response:
     return page_response(request, page, public_job)
 
 
-@routes.get("/jobs/{job_id}")
+@routes.get(ONE_JOB)
 async def get_one(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     check_query(request)
@@ -270,7 +281,7 @@ async def get_one(request: web.Request) -> web.Response:
     return record_response(public_job(doc))
 
 
-@routes.patch("/jobs/{job_id}")
+@routes.patch(ONE_JOB)
 async def patch(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     body = await read_body(request, JobPatch, patch=True)
@@ -284,8 +295,10 @@ async def cancel(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     body = await read_optional_body(request, CancelBody)
     revision, owner = if_match(request), owner_filter(request)
-    doc = await cancel_job(request.app[DB].db, job_id, body.reason, revision, owner)
+    doc, changed = await cancel_job(request.app[DB].db, job_id, body.reason, revision, owner)
     ended = doc["task_status"] == TaskStatus.ERROR
+    if changed:  # a repeated request for a RUNNING job changes nothing and counts nothing
+        CANCELS.labels("ended" if ended else "requested").inc()
     # Ended now (it was PENDING): 200; its executor was asked to end it: 202.
     return record_response(public_job(doc), 200 if ended else 202)
 
@@ -303,7 +316,7 @@ async def retry(request: web.Request) -> web.Response:
     return await idempotent(request, make)
 
 
-@routes.delete("/jobs/{job_id}")
+@routes.delete(ONE_JOB)
 async def delete(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
     check_query(request)

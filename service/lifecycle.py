@@ -84,12 +84,15 @@ def history_problem(history: Sequence[Entry], status: TaskStatus, started: datet
 
 LEASE_EXPIRED = "lease expired"
 LEASE_S_DEFAULT, LEASE_S_MIN, LEASE_S_MAX = 60, 5, 3600
-MAX_REASON = 1000  # characters of a status_reason or a cancel reason
+MAX_REASON = 1000  # characters of a status_reason or a cancel reason a client gives
+CANCELLED = "cancelled"
+# The longest status_reason the service itself writes: a cancel's, "cancelled: <reason>".
+MAX_STATUS_REASON = len(f"{CANCELLED}: ") + MAX_REASON
 
 
 def cancelled(reason: str | None) -> str:
     """The status_reason of a job ended by a cancel."""
-    return f"cancelled: {reason}" if reason else "cancelled"
+    return f"{CANCELLED}: {reason}" if reason else CANCELLED
 
 
 def lease_problem(

@@ -29,6 +29,7 @@ from .schemas import (
     PositiveId,
     Reason,
     Status,
+    StatusReason,
     Strict,
     Timestamp,
     check_result_name,
@@ -129,7 +130,7 @@ class DeploymentRecord(Record):
 class HistoryRecord(Strict):
     task_status: Status
     at: Timestamp
-    reason: Reason | None = None
+    reason: StatusReason | None = None
     executor: Executor | None = None
 
 
@@ -163,7 +164,7 @@ class JobRecord(Record):
     lease: LeaseRecord | None = None
     cancel_requested_at: Timestamp | None = None
     cancel_reason: Reason | None = None
-    status_reason: Reason | None = None
+    status_reason: StatusReason | None = None
     attempt: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)] = 1
     retry_of: GivenId | None = None
 

@@ -28,7 +28,14 @@ from pydantic import (
 )
 
 from .errors import Loc, MalformedJSON, ValidationFailed, error
-from .lifecycle import LEASE_S_DEFAULT, LEASE_S_MAX, LEASE_S_MIN, MAX_REASON, TaskStatus
+from .lifecycle import (
+    LEASE_S_DEFAULT,
+    LEASE_S_MAX,
+    LEASE_S_MIN,
+    MAX_REASON,
+    MAX_STATUS_REASON,
+    TaskStatus,
+)
 from .merge_patch import MAX_DATA_DEPTH, data_errors
 
 MAX_NAME = 200
@@ -135,6 +142,8 @@ EXECUTOR_FIELDS = frozenset(
     {"lease", "cancel_requested_at", "cancel_reason", "status_reason", "attempt", "retry_of"}
 )
 Reason = Annotated[StrictStr, Field(min_length=1, max_length=MAX_REASON)]
+# A status_reason as stored and exported (a cancel's reason with its prefix), for imports.
+StatusReason = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STATUS_REASON)]
 Executor = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME)]
 LeaseSeconds = Annotated[StrictInt, Field(ge=LEASE_S_MIN, le=LEASE_S_MAX)]
 

@@ -1,8 +1,9 @@
 """Waiting requests in this instance: how many may wait, and waking them when jobs change.
 
-A claim with `wait_s` waits here between its attempts. `notify()` (a job was created,
-retried or imported here) wakes every waiter at once; changes made through another
-instance are found by the next attempt, at most POLL_S later. The limit on waiters is
+A claim with `wait_s` waits here between its attempts. `notify()` (a job was created or
+retried through this instance) wakes every waiter at once; any other new due job (made
+through another instance, imported, or scheduled and now due) is found by the next
+attempt, at most POLL_S later. The limit on waiters is
 MAX_WAITERS: past it a request is refused with 503 rather than held.
 """
 

@@ -1,4 +1,5 @@
-"""Schemathesis hooks, loaded through schemathesis.toml: NDJSON bodies both ways.
+"""Schemathesis hooks, loaded through schemathesis.toml: NDJSON bodies both ways, and
+claims that do not wait long.
 
 The spec describes an NDJSON body as the array of its lines' records, so imports are
 fuzzed with records and every exported line is checked against the record schema.
@@ -23,3 +24,18 @@ def to_ndjson(ctx: Any, value: Any) -> bytes:
 @schemathesis.deserializer("application/x-ndjson")
 def from_ndjson(ctx: Any, response: Any) -> list[Any]:
     return [json.loads(line) for line in response.content.splitlines() if line.strip()]
+
+
+CLAIM_WAIT_S = 0.2  # the longest a fuzzed claim waits
+
+
+@schemathesis.hook
+def before_call(ctx: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    """A claim's valid `wait_s` (0-60) is cut to CLAIM_WAIT_S: with no job due, a claim
+    holds its request that long, and up to 60 s a case would outlast the run. The value
+    stays valid, so every check still applies; invalid values are sent as generated."""
+    body = case.body
+    if case.operation.path == "/jobs/claim" and isinstance(body, dict):
+        wait = body.get("wait_s")
+        if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 <= wait <= 60:
+            body["wait_s"] = min(wait, CLAIM_WAIT_S)

@@ -17,6 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from service.analyst_pipelines import (
     BUSIEST_HOURS,
+    EXPIRED_LEASES,
     FAILURE_RATE,
     P95_RUN_TIME,
     PIPELINES,
@@ -24,8 +25,10 @@ from service.analyst_pipelines import (
     STUCK_RUNNING,
     AnalystPipeline,
 )
+from service.claims import sweep
+from service.settings import Settings
 
-from .helpers import Client
+from .helpers import Client, create_deployment, create_job
 from .stats_data import entered, job_doc, load, rfc3339, rounded
 
 Doc = dict[str, Any]
@@ -153,3 +156,41 @@ async def test_results_volume_per_deployment(
     assert len(expected) == 3
     assert rows == expected
     assert sum(r["bytes"] for r in rows) == sum(f["size"] for d in jobs for f in d["results"])
+
+
+async def test_expired_leases_per_executor(
+    client: Client, db: AsyncDatabase[Doc], settings: Settings
+) -> None:
+    """Leases that really expire (claimed through the API, ended by the sweeper), beside
+    jobs the pipeline must not count."""
+    dep = await create_deployment(client)
+    ids = [(await create_job(client, dep["deployment_id"]))["job_id"] for _ in range(6)]
+    for executor in ("ex-b", "ex-a", "ex-a", "ex-b", "ex-a", "ex-c"):
+        resp = await client.post("/jobs/claim", json={"executor": executor, "lease_s": 5})
+        assert resp.status == 200
+    # ex-c ends its job in time with its own ERROR; ex-b's second job finishes.
+    ended = [(ids[5], {"task_status": "ERROR", "status_reason": "oom"}), (ids[3], {})]
+    for job_id, body in ended:
+        resp = await client.patch(f"/jobs/{job_id}", json=body or {"task_status": "FINISHED"})
+        assert resp.status == 200
+    # The rest stop heartbeating: their leases lie in the past, the sweeper ends them.
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    await db.jobs.update_many({"task_status": "RUNNING"}, {"$set": {"lease.expires_at": past}})
+    assert await sweep(db, settings) == 4
+    # A job made RUNNING by PATCH has no lease: it never expires and is never counted.
+    by_patch = await create_job(client, dep["deployment_id"])
+    await client.patch(f"/jobs/{by_patch['job_id']}", json={"task_status": "RUNNING"})
+    assert await sweep(db, settings) == 0
+
+    rows = await run(db, EXPIRED_LEASES)
+    jobs = {j["job_id"]: j for j in (await get(client, "/jobs", limit="100"))["items"]}
+    assert all(jobs[i]["status_reason"] == "lease expired" for i in ids[:3] + ids[4:5])
+
+    def last_end(*job_ids: int) -> str:
+        return max(str(jobs[i]["finished_at"]) for i in job_ids)  # RFC 3339 sorts as time
+
+    expected = [
+        {"executor": "ex-a", "expired": 3, "last_expired_at": last_end(ids[1], ids[2], ids[4])},
+        {"executor": "ex-b", "expired": 1, "last_expired_at": last_end(ids[0])},
+    ]
+    assert [{**r, "last_expired_at": rfc3339(r["last_expired_at"])} for r in rows] == expected

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
@@ -122,6 +123,15 @@ async def test_bad_claims_are_422_and_take_nothing(
     assert resp.status == 422, await resp.text()
     assert resp.content_type == "application/problem+json"
     assert await snapshot(db) == before
+
+
+@pytest.mark.parametrize("method", ["GET", "PATCH", "DELETE", "PUT"])
+async def test_other_methods_on_the_claim_path_are_405(client: Client, method: str) -> None:
+    """/jobs/claim is no job: not a 404 for job 'claim', but 405 naming POST."""
+    resp = await client.request(method, "/jobs/claim", json={"executor": "e"})
+    assert resp.status == 405 and resp.headers["Allow"] == "POST"
+    assert (await resp.json())["type"] == "/problems/method-not-allowed"
+    assert (await client.get("/jobs/claimx")).status == 404  # other non-ids are still 404
 
 
 async def drain(clients: list[Client], executors: int) -> list[int]:
@@ -354,6 +364,31 @@ async def test_cancel_of_an_ended_or_unknown_job(client: Client) -> None:
     assert bad.status == 422
 
 
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_claims_and_cancels_are_counted(client: Client) -> None:
+    """Metrics are per process: compare before and after."""
+    cancels = "jobservice_cancels_total"
+    before = {
+        "claims": metric("jobservice_claims_total"),
+        "ended": metric(cancels, outcome="ended"),
+        "requested": metric(cancels, outcome="requested"),
+    }
+    dep = await create_deployment(client)
+    running = await create_job(client, dep["deployment_id"])
+    await claim(client)
+    pending = await create_job(client, dep["deployment_id"])
+    assert (await client.post(f"/jobs/{pending['job_id']}/cancel")).status == 200
+    for _ in range(3):  # asked once; the repeats change nothing and count nothing
+        assert (await client.post(f"/jobs/{running['job_id']}/cancel")).status == 202
+    assert (await client.post(f"/jobs/{pending['job_id']}/cancel")).status == 409
+    assert metric("jobservice_claims_total") - before["claims"] == 1
+    assert metric(cancels, outcome="ended") - before["ended"] == 1
+    assert metric(cancels, outcome="requested") - before["requested"] == 1
+
+
 # --- status_reason on PATCH -------------------------------------------------------------
 
 
@@ -441,6 +476,12 @@ async def test_idempotency_key_on_deployments_and_retries(
         for _ in range(3)
     ]
     assert [r.status for r in retries] == [201] * 3
+    assert await db.jobs.count_documents({}) == 2
+    # No body and {} are the same request.
+    same = await client.post(
+        f"/jobs/{job['job_id']}/retry", json={}, headers={"Idempotency-Key": "r"}
+    )
+    assert same.status == 201 and same.headers["Idempotent-Replayed"] == "true"
     assert await db.jobs.count_documents({}) == 2
     # A key is per user and per request: the same key for a deployment is not a retry.
     assert (await client.post(f"/jobs/{job['job_id']}/retry", headers=headers)).status == 422

@@ -72,6 +72,12 @@ def job_record(job_id: int, deployment_id: int, **fields: Any) -> dict[str, Any]
         "results": [],
         "history": [{"task_status": "PENDING", "at": T0}],
         "revision": 1,
+        "lease": None,
+        "cancel_requested_at": None,
+        "cancel_reason": None,
+        "status_reason": None,
+        "attempt": 1,
+        "retry_of": None,
         **fields,
     }
 
@@ -691,6 +697,32 @@ async def test_export_import_round_trip_is_exact(client: Client, other_client: C
     assert await export(other_client, "jobs") == jobs
     assert (await create_job(other_client, 1))["job_id"] == 51
     assert (await create_deployment(other_client))["deployment_id"] == 4
+
+
+async def test_round_trip_keeps_the_executor_fields(client: Client, other_client: Client) -> None:
+    """Leases, cancels (with the longest reason), status reasons, retries, history reasons."""
+    dep = await create_deployment(client)
+    jobs = [await create_job(client, dep["deployment_id"]) for _ in range(4)]
+    claim = {"executor": "e" * 200, "lease_s": 3600}
+    for _ in range(2):
+        assert (await client.post("/jobs/claim", json=claim)).status == 200
+    longest = {"reason": "r" * 1000}
+    assert (await client.post(f"/jobs/{jobs[0]['job_id']}/cancel", json=longest)).status == 202
+    assert (await client.post(f"/jobs/{jobs[2]['job_id']}/cancel", json=longest)).status == 200
+    ended = {"task_status": "ERROR", "status_reason": "s" * 1000}
+    assert (await client.patch(f"/jobs/{jobs[1]['job_id']}", json=ended)).status == 200
+    assert (await client.post(f"/jobs/{jobs[1]['job_id']}/retry")).status == 201
+    exported = await export(client, "jobs")
+    lines = records(exported)
+    assert len(lines[2]["status_reason"]) == len("cancelled: ") + 1000
+    assert lines[0]["lease"] is not None and lines[0]["cancel_reason"] == "r" * 1000
+    assert lines[4]["retry_of"] == jobs[1]["job_id"] and lines[4]["attempt"] == 2
+    for job in lines:
+        conforms(job, "JobRecord")
+    await import_(other_client, "deployments", await export(client, "deployments"))
+    report = await import_(other_client, "jobs", exported)
+    assert report["inserted"] == 5, report
+    assert await export(other_client, "jobs") == exported
 
 
 async def test_export_filters_like_the_lists(client: Client) -> None:

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 from jsonschema import Draft202012Validator
@@ -20,6 +21,16 @@ from pymongo import MongoClient
 from referencing import Registry, Resource
 
 from service.embedded import free_port
+from service.errors import ValidationFailed
+from service.schemas import (
+    Body,
+    CancelBody,
+    ClaimBody,
+    HeartbeatBody,
+    JobPatch,
+    NoBody,
+    validate_body,
+)
 from tests.helpers import Client, create_deployment, create_job
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
@@ -83,6 +94,101 @@ async def test_real_responses_match_the_spec(client: Client) -> None:
         conforms(await resp.json(), "Problem")
     resp = await client.post("/jobs", json={"user_id": "a", "deployment_id": 999})
     conforms(await resp.json(), "Problem")
+
+
+# The request bodies of the spec, and the models the service reads them with.
+MODELS: dict[str, type[Body]] = {
+    "ClaimRequest": ClaimBody,
+    "HeartbeatRequest": HeartbeatBody,
+    "CancelRequest": CancelBody,
+    "EmptyBody": NoBody,
+    "JobPatch": JobPatch,
+}
+
+
+def rejects(instance: Any, component: str) -> bool:
+    validator = Draft202012Validator(
+        {"$ref": f"spec#/components/schemas/{component}"}, registry=_REGISTRY
+    )
+    return not validator.is_valid(instance)
+
+
+async def test_executor_responses_match_the_spec(client: Client) -> None:
+    dep = await create_deployment(client)
+    job = await create_job(client, dep["deployment_id"])
+    resp = await client.post("/jobs/claim", json={"executor": "ex-1", "lease_s": 30})
+    assert resp.status == 200
+    claimed = await resp.json()
+    conforms(claimed, "Job")
+    assert claimed["history"][-1]["executor"] == "ex-1"
+    resp = await client.post(f"/jobs/{job['job_id']}/heartbeat", json={"executor": "ex-1"})
+    conforms(await resp.json(), "Heartbeat")
+    resp = await client.post(f"/jobs/{job['job_id']}/heartbeat", json={"executor": "other"})
+    assert resp.status == 409
+    conforms(await resp.json(), "Problem")
+    resp = await client.post(f"/jobs/{job['job_id']}/cancel", json={"reason": "x" * 1000})
+    assert resp.status == 202
+    conforms(await resp.json(), "Job")
+    body = {"task_status": "ERROR", "status_reason": "oom"}
+    resp = await client.patch(f"/jobs/{job['job_id']}", json=body)
+    conforms(await resp.json(), "Job")
+    resp = await client.post(f"/jobs/{job['job_id']}/retry", headers={"Idempotency-Key": "k"})
+    assert resp.status == 201
+    retried = await resp.json()
+    conforms(retried, "Job")
+    resp = await client.post(f"/jobs/{retried['job_id']}/cancel", json={"reason": "y" * 1000})
+    assert resp.status == 200
+    cancelled = await resp.json()
+    conforms(cancelled, "Job")
+    assert len(cancelled["status_reason"]) > 1000  # "cancelled: " and the whole reason
+    resp = await client.post("/jobs/claim", json={"executor": "ex-1"})
+    assert resp.status == 204
+
+
+@pytest.mark.parametrize(
+    ("component", "body"),
+    [
+        ("ClaimRequest", {}),
+        ("ClaimRequest", {"executor": ""}),
+        ("ClaimRequest", {"executor": "x" * 201}),
+        ("ClaimRequest", {"executor": "e", "lease_s": 4}),
+        ("ClaimRequest", {"executor": "e", "lease_s": 3601}),
+        ("ClaimRequest", {"executor": "e", "lease_s": None}),
+        ("ClaimRequest", {"executor": "e", "wait_s": 60.5}),
+        ("ClaimRequest", {"executor": "e", "wait_s": -0.1}),
+        ("ClaimRequest", {"executor": "e", "deployment_id": 0}),
+        ("ClaimRequest", {"executor": "e", "user_id": ""}),
+        ("ClaimRequest", {"executor": "e", "unknown": 1}),
+        ("HeartbeatRequest", {"executor": "e", "lease_s": 3601}),
+        ("HeartbeatRequest", {"lease_s": 60}),
+        ("CancelRequest", {"reason": ""}),
+        ("CancelRequest", {"reason": "x" * 1001}),
+        ("EmptyBody", {"reason": "x"}),
+        ("JobPatch", {"status_reason": "why"}),
+        ("JobPatch", {"task_status": "ERROR", "status_reason": ""}),
+    ],
+)
+def test_the_spec_refuses_what_the_service_refuses(component: str, body: Any) -> None:
+    assert rejects(body, component)
+    with pytest.raises(ValidationFailed):
+        validate_body(MODELS[component], orjson.dumps(body))
+
+
+@pytest.mark.parametrize(
+    ("component", "body"),
+    [
+        ("ClaimRequest", {"executor": "e"}),
+        ("ClaimRequest", {"executor": "e", "lease_s": 5, "wait_s": 0.5, "deployment_id": None}),
+        ("ClaimRequest", {"executor": "e", "wait_s": 60, "user_id": None}),
+        ("CancelRequest", {}),
+        ("CancelRequest", {"reason": None}),
+        ("EmptyBody", {}),
+        ("JobPatch", {"task_status": "ERROR", "status_reason": None}),
+    ],
+)
+def test_the_spec_accepts_what_the_service_accepts(component: str, body: Any) -> None:
+    conforms(body, component)
+    validate_body(MODELS[component], orjson.dumps(body))
 
 
 LIVE_ADMIN_KEY = f"test-admin-{uuid.uuid4().hex}"
