@@ -1,10 +1,10 @@
 """Waiting requests in this instance: how many may wait, and waking them when jobs change.
 
-A claim with `wait_s` waits here between its attempts. `notify()` (a job was created or
-retried through this instance) wakes every waiter at once; any other new due job (made
-through another instance, imported, or scheduled and now due) is found by the next
-attempt, at most POLL_S later. The limit on waiters is
-MAX_WAITERS: past it a request is refused with 503 rather than held.
+A claim with `wait_s` waits here between its attempts. `notify()` (a job was created,
+retried or imported through this instance) wakes every waiter at once; any other new due
+job (made through another instance, or scheduled and now due) is found by the next
+attempt, at most POLL_S later. The limit on waiters is MAX_WAITERS: past it a request is
+refused with 503 rather than held.
 """
 
 from __future__ import annotations
