@@ -61,9 +61,9 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(
             seconds=2.0,
-            rounds=1,
+            rounds=3,
             get_requests=300,
-            list_reps=3,
+            list_reps=1,
             memory_requests=0,
         )
 
