@@ -55,6 +55,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(database_ctx)
     auth.setup(app, settings)  # after the problem middleware and the database
     app.cleanup_ctx.append(claims.executors_ctx)
+    app.cleanup_ctx.append(jobs.creates_ctx)  # the create batchers, after the database
+    app.cleanup_ctx.append(deployments.creates_ctx)
     app.add_routes(ops.routes)
     app.add_routes(deployments.routes)
     app.add_routes(claims.routes)  # /jobs/claim before /jobs/{job_id}

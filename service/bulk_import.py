@@ -388,10 +388,10 @@ class Importer:
         self, batch: Batch, written: list[int], collection: AsyncCollection[Doc]
     ) -> list[int]:
         """A deployment deleted while its jobs were written takes them back out (as
-        jobs.create_job does), so no import leaves a job without its deployment.
+        jobs.insert_jobs does), so no import leaves a job without its deployment.
         """
         ids: set[int] = {batch.docs[i]["deployment_id"] for i in written}
-        gone = ids - await confirm_deployments(self.db, ids, {}) if ids else set()
+        gone = ids - set(await confirm_deployments(self.db, ids))
         if not gone:
             return written
         for parent in gone:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from .auth import claim_owner, owner_filter
+from .batching import Batcher
 from .database import DB, Doc, next_ids
 from .errors import Conflict
 from .http import (
@@ -34,12 +37,35 @@ DEFAULTS: dict[str, Any] = {"parameters": "", "data": {}}
 # --- data layer -----------------------------------------------------------------------
 
 
-async def create_deployment(db: AsyncDatabase[Doc], body: DeploymentCreate) -> Doc:
-    doc = deployment_document(
-        _id=await next_ids(db, "deployments"), created=now(), **body.model_dump()
-    )
-    await db.deployments.insert_one(doc)
-    return doc
+async def insert_deployments(
+    db: AsyncDatabase[Doc], bodies: list[DeploymentCreate]
+) -> list[Doc | Exception]:
+    """Insert deployments with one `$inc` of the counter and one `insert_many` (group
+    commit, batching.py); one outcome per body, in order: its document or its own error."""
+    first, at = await next_ids(db, "deployments", len(bodies)), now()
+    docs = [
+        deployment_document(_id=first + k, created=at, **body.model_dump())
+        for k, body in enumerate(bodies)
+    ]
+    outcomes: list[Doc | Exception] = list(docs)
+    try:
+        await db.deployments.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:  # these failed alone; the others are written
+        for error in exc.details.get("writeErrors", []):
+            outcomes[error["index"]] = exc
+    return outcomes
+
+
+# The batcher of POST /deployments (batching.py), one per application.
+DEPLOYMENT_CREATES = web.AppKey("deployment_creates", Batcher[DeploymentCreate, Doc])
+
+
+async def creates_ctx(app: web.Application) -> AsyncIterator[None]:
+    db = app[DB].db
+    batcher = Batcher[DeploymentCreate, Doc](lambda bodies: insert_deployments(db, bodies))
+    app[DEPLOYMENT_CREATES] = batcher
+    yield
+    await batcher.aclose()
 
 
 async def patch_deployment(
@@ -70,7 +96,7 @@ async def delete_deployment(
     A refusal changes nothing at any instant: with no jobs found, the deployment is marked
     with this DELETE's token (a field no response shows), checked for jobs once more, and
     deleted only if it still carries the token. A job created meanwhile is inserted before
-    its creator confirms the deployment, and confirming removes a mark (jobs.create_job,
+    its creator confirms the deployment, and confirming removes a mark (jobs.insert_jobs,
     jobs.confirm_deployments): either the second check sees the job, or the conditional
     delete misses and this looks again. Only jobs `owner` may see are looked at or deleted.
     """
@@ -119,7 +145,7 @@ async def create(request: web.Request) -> web.Response:
     body.user_id = claim_owner(request, body.user_id)
 
     async def make() -> web.Response:
-        doc = await create_deployment(request.app[DB].db, body)
+        doc = await request.app[DEPLOYMENT_CREATES].submit(body)
         return record_response(public_deployment(doc), 201, f"/deployments/{doc['_id']}")
 
     return await idempotent(request, make)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from . import results
 from .auth import claim_owner, owner_filter, same_owner
+from .batching import Batcher
 from .database import DB, Doc, next_ids
 from .errors import Conflict, NotFound, Problem, ValidationFailed, invalid
 from .http import (
@@ -50,30 +54,89 @@ RETRIED_FIELDS = ("user_id", "deployment_id", "job_name", "parameters", "data")
 # --- data layer -----------------------------------------------------------------------
 
 
-async def create_job(db: AsyncDatabase[Doc], body: JobCreate, deployment_scope: Doc) -> Doc:
-    """Insert a PENDING job; its deployment must exist before and after the insert.
+@dataclass
+class NewJob:
+    """A job to insert: its fields, and the filter its deployment must match (`scope`:
+    auth.same_owner, owned by the job's user; one that does not is reported exactly like a
+    missing one)."""
 
-    The deployment must also match `deployment_scope` (auth.same_owner: owned by the job's
-    user); one that does not is reported exactly like a missing one.
-    """
+    fields: Doc
+    started_at: datetime
+    scope: Doc
+
+    @property
+    def deployment_id(self) -> int:
+        return int(self.fields["deployment_id"])
+
+    def refused(self) -> Problem:
+        return _no_deployment(self.deployment_id, self.scope)
+
+
+def new_job(body: JobCreate, deployment_scope: Doc) -> NewJob:
     assert body.user_id is not None  # filled in by auth.claim_owner
     fields = body.model_dump(exclude={"started_at"})
-    return await insert_job(db, fields, body.started_at or now(), deployment_scope)
+    return NewJob(fields, body.started_at or now(), deployment_scope)
 
 
-async def insert_job(
-    db: AsyncDatabase[Doc], fields: Doc, started_at: datetime, deployment_scope: Doc
-) -> Doc:
-    deployment_id = fields["deployment_id"]
-    if not await _deployment_exists(db, deployment_id, deployment_scope):
-        raise _no_deployment(deployment_id, deployment_scope)
-    doc = job_document(_id=await next_ids(db, "jobs"), started_at=started_at, **fields)
-    await db.jobs.insert_one(doc)
-    # A concurrent DELETE of the deployment may have passed its own check meanwhile.
-    if not await confirm_deployments(db, {deployment_id}, deployment_scope):
-        await db.jobs.delete_one({"_id": doc["_id"]})
-        raise _no_deployment(deployment_id, deployment_scope)
-    return doc
+async def insert_jobs(db: AsyncDatabase[Doc], new: list[NewJob]) -> list[Doc | Exception]:
+    """Insert PENDING jobs, each one's deployment existing before and after its insert;
+    one outcome per job, in order: its document, or its own error.
+
+    Four round trips whatever the number of jobs (group commit, batching.py): one read of
+    their deployments, one `$inc` of the counter for the jobs that passed, one
+    `insert_many`, one read of the deployments again (confirm_deployments). The first read
+    comes before the counter, so a refused job takes no id and changes nothing; the last
+    closes the race with a concurrent DELETE of a deployment (deployments.delete_deployment).
+    """
+    before = await find_deployments(db, {n.deployment_id for n in new})
+    outcomes: list[Doc | Exception | None] = [
+        None if _in_scope(before.get(n.deployment_id), n.scope) else n.refused() for n in new
+    ]
+    todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    if not todo:
+        return [o for o in outcomes if o is not None]
+    first = await next_ids(db, "jobs", len(todo))
+    docs: dict[int, Doc] = {}
+    for k, i in enumerate(todo):
+        try:
+            docs[i] = job_document(_id=first + k, started_at=new[i].started_at, **new[i].fields)
+        except Exception as exc:  # (fields come validated: not expected) its id stays unused
+            outcomes[i] = exc
+    order = list(docs)
+    try:
+        await db.jobs.insert_many([docs[i] for i in order], ordered=False)
+    except BulkWriteError as exc:  # these failed alone; the others are written
+        for error in exc.details.get("writeErrors", []):
+            outcomes[order[error["index"]]] = exc
+            docs.pop(order[error["index"]])
+    # A concurrent DELETE of a deployment may have passed its own checks meanwhile.
+    after = await confirm_deployments(db, {d["deployment_id"] for d in docs.values()})
+    for i, doc in docs.items():
+        if _in_scope(after.get(doc["deployment_id"]), new[i].scope):
+            outcomes[i] = doc
+        else:
+            await db.jobs.delete_one({"_id": doc["_id"]})
+            outcomes[i] = new[i].refused()
+    return [o for o in outcomes if o is not None]  # (every one is set by now)
+
+
+async def insert_job(db: AsyncDatabase[Doc], new: NewJob) -> Doc:
+    """One job, as insert_jobs writes it (for callers without a batcher)."""
+    (outcome,) = await insert_jobs(db, [new])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+# The batcher of POST /jobs (batching.py), one per application.
+JOB_CREATES = web.AppKey("job_creates", Batcher[NewJob, Doc])
+
+
+async def creates_ctx(app: web.Application) -> AsyncIterator[None]:
+    db = app[DB].db
+    app[JOB_CREATES] = batcher = Batcher[NewJob, Doc](lambda new: insert_jobs(db, new))
+    yield
+    await batcher.aclose()
 
 
 async def _deployment_exists(db: AsyncDatabase[Doc], deployment_id: int, scope: Doc) -> bool:
@@ -81,27 +144,48 @@ async def _deployment_exists(db: AsyncDatabase[Doc], deployment_id: int, scope: 
     return await db.deployments.find_one(flt, {"_id": 1}) is not None
 
 
+def _in_scope(deployment: Doc | None, scope: Doc) -> bool:
+    """`deployment` (read by find_deployments) exists and matches the equality filter."""
+    return deployment is not None and all(deployment.get(k) == v for k, v in scope.items())
+
+
+async def find_deployments(
+    db: AsyncDatabase[Doc], ids: set[int], fields: tuple[str, ...] = ()
+) -> dict[int, Doc]:
+    """The deployments of `ids` by id (their owner and `fields`), in one query.
+
+    Measured on secantusd-py (0.7.0b3): a filter of `_id` alone with `$in` uses the index
+    (0.6-0.75 ms for 3 ids at 1,000 and 10,000 deployments), cheaper than 3 concurrent
+    find_one (1.5-1.9 ms); what scans is `$in` on another field beside `_id`.
+    """
+    flt = {"_id": min(ids) if len(ids) == 1 else {"$in": sorted(ids)}}
+    projection = dict.fromkeys(("user_id", *fields), 1)
+    return {d["_id"]: d async for d in db.deployments.find(flt, projection)}
+
+
 # A DELETE of a deployment marks it with a token of its own while it looks for jobs a last
 # time, and deletes it only if the mark is still there (deployments.delete_deployment).
 DELETING = "deleting"
 
 
-async def confirm_deployments(db: AsyncDatabase[Doc], ids: set[int], scope: Doc) -> set[int]:
-    """Which of `ids` (within `scope`) exist, for jobs just written to them.
+async def confirm_deployments(db: AsyncDatabase[Doc], ids: set[int]) -> dict[int, Doc]:
+    """Which of `ids` exist (find_deployments), for jobs just written to them.
 
     A deployment a DELETE has marked loses the mark first: that DELETE then fails and
     looks again, finding the new jobs. So a deployment answered here as existing is never
     deleted under its new jobs, and one a DELETE refuses was never deleted at all.
     Ends once no mark is left: a DELETE that starts now finds the jobs before it marks.
     """
-    flt = {**scope, "_id": min(ids) if len(ids) == 1 else {"$in": sorted(ids)}}
+    if not ids:
+        return {}
     while True:
-        found = {d["_id"]: DELETING in d async for d in db.deployments.find(flt, {DELETING: 1})}
-        if marked := [i for i, is_marked in found.items() if is_marked]:
-            unmark = {"_id": {"$in": marked}, DELETING: {"$exists": True}}
+        found = await find_deployments(db, ids, (DELETING,))
+        if marked := sorted(i for i, d in found.items() if DELETING in d):
+            one = marked[0] if len(marked) == 1 else {"$in": marked}
+            unmark = {"_id": one, DELETING: {"$exists": True}}
             await db.deployments.update_many(unmark, {"$unset": {DELETING: ""}})
         else:
-            return set(found)
+            return found
 
 
 def _no_deployment(deployment_id: int, scope: Doc) -> Problem:
@@ -210,7 +294,7 @@ async def retry_job(db: AsyncDatabase[Doc], job_id: int, owner: Doc) -> Doc:
     fields = {name: stored.get(name, DEFAULTS.get(name)) for name in RETRIED_FIELDS}
     fields |= {"retry_of": job_id, "attempt": stored.get("attempt", 1) + 1}
     try:
-        return await insert_job(db, fields, now(), {})
+        return await insert_job(db, NewJob(fields, now(), {}))
     except ValidationFailed:
         raise Conflict(
             f"Job {job_id}'s deployment {stored['deployment_id']} no longer exists."
@@ -243,7 +327,7 @@ async def create(request: web.Request) -> web.Response:
     body.user_id = owner = claim_owner(request, body.user_id)
 
     async def make() -> web.Response:
-        doc = await create_job(request.app[DB].db, body, same_owner(request, owner))
+        doc = await request.app[JOB_CREATES].submit(new_job(body, same_owner(request, owner)))
         request.app[WAKEUPS].notify()  # a waiting claim may take it
         return record_response(public_job(doc), 201, f"/jobs/{doc['_id']}")
 

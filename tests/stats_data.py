@@ -1,6 +1,6 @@
 """A generated job data set, and its statistics computed independently in plain Python.
 
-The documents are in the storage shape `jobs.create_job` writes (history, finished_at,
+The documents are in the storage shape `jobs.insert_jobs` writes (history, finished_at,
 results) and are inserted directly with the driver, which is much faster than the API.
 The reference functions here share no code with service/stats.py, so agreement between
 the two is evidence for both.
