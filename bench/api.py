@@ -29,7 +29,16 @@ from service.database import Doc, next_ids
 from service.models import Job
 from service.pagination import JOB_FILTERS, JOB_SORTS, ListQuery, encode_cursor, parse_list_query
 
-from .common import BenchEnv, Exhausted, LoadResult, Row, ServiceProcess, closed_loop, median
+from .common import (
+    BenchEnv,
+    Exhausted,
+    LoadResult,
+    Row,
+    ServiceProcess,
+    alternate,
+    closed_loop,
+    median,
+)
 
 BENCH = "api"
 CURSOR_SECRET = "bench-cursor-secret"  # given to the service, so deep cursors can be made here
@@ -152,7 +161,8 @@ class Bench:
     async def post(self) -> list[Row]:
         rows = []
         for clients in self.sizes.post_clients:
-            svc, drv = await self.alternate(
+            svc, drv = await alternate(
+                self.sizes.rounds,
                 functools.partial(self.post_service, clients, self.sizes.seconds),
                 functools.partial(self.post_driver, clients, self.sizes.seconds),
             )
@@ -200,7 +210,8 @@ class Bench:
     async def get(self) -> list[Row]:
         rng = random.Random(8)
         n = self.sizes.get_requests
-        svc, drv = await self.alternate(
+        svc, drv = await alternate(
+            self.sizes.rounds,
             lambda: self.get_service(rng.choices(self.service_ids, k=n)),
             lambda: self.get_driver(rng.choices(self.driver_ids, k=n)),
         )
@@ -292,7 +303,8 @@ class Bench:
             size = await self.equal_sizes(wanted)
             svc_work = collections.deque((i, "PENDING") for i in reversed(self.service_ids))
             drv_work = collections.deque((i, "PENDING") for i in reversed(self.driver_ids))
-            svc, drv = await self.alternate(
+            svc, drv = await alternate(
+                self.sizes.rounds,
                 functools.partial(self.patch_service, svc_work),
                 functools.partial(self.patch_driver, drv_work),
             )
@@ -509,17 +521,6 @@ class Bench:
         result = await run
         result.cpu_ms = (self.svc.cpu_seconds() - before) * 1000 / max(result.ops, 1)
         return result
-
-    async def alternate(
-        self, *sides: Callable[[], Awaitable[LoadResult]]
-    ) -> list[list[LoadResult]]:
-        """Run every side `rounds` times, rotating which goes first each round."""
-        results: list[list[LoadResult]] = [[] for _ in sides]
-        for n in range(self.sizes.rounds):
-            for k in range(len(sides)):
-                i = (k + n) % len(sides)
-                results[i].append(await sides[i]())
-        return results
 
 
 def cpu_row(what: str, svc: list[LoadResult], drv: list[LoadResult]) -> Row:

@@ -35,7 +35,6 @@ import functools
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -51,7 +50,16 @@ from service.models import Job, job_document
 from service.settings import Settings
 from service.wakeups import POLL_S
 
-from .common import BenchEnv, Exhausted, LoadResult, Row, ServiceProcess, closed_loop, median
+from .common import (
+    BenchEnv,
+    Exhausted,
+    LoadResult,
+    Row,
+    ServiceProcess,
+    alternate,
+    closed_loop,
+    median,
+)
 
 BENCH = "claims"
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -151,17 +159,6 @@ class Bench:
             batch = pending_jobs(first + start, min(5000, count - start), self.deployment_id)
             await self.db[collection].insert_many(batch, ordered=False)
 
-    async def alternate(
-        self, *sides: Callable[[], Awaitable[LoadResult]]
-    ) -> list[list[LoadResult]]:
-        """Every side `rounds` times, rotating which goes first."""
-        results: list[list[LoadResult]] = [[] for _ in sides]
-        for n in range(self.sizes.rounds):
-            for k in range(len(sides)):
-                i = (k + n) % len(sides)
-                results[i].append(await sides[i]())
-        return results
-
     # --- claims per second ----------------------------------------------------------------
 
     async def claims_service(self, executors: int) -> LoadResult:
@@ -204,7 +201,8 @@ class Bench:
     async def claims(self) -> list[Row]:
         rows = []
         for executors in self.sizes.executors:
-            svc, drv = await self.alternate(
+            svc, drv = await alternate(
+                self.sizes.rounds,
                 functools.partial(self.claims_service, executors),
                 functools.partial(self.claims_driver, executors),
             )
@@ -287,8 +285,8 @@ class Bench:
     async def waits(self) -> list[Row]:
         await self.drain("jobs")
         await self.drain("driver_jobs")
-        svc, drv = await self.alternate(
-            functools.partial(self.wait_service, False), self.wait_driver
+        svc, drv = await alternate(
+            self.sizes.rounds, functools.partial(self.wait_service, False), self.wait_driver
         )
         polled = [await self.wait_service(True) for _ in range(self.sizes.rounds)]
         rows = []

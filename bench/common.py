@@ -227,6 +227,19 @@ async def closed_loop(
     return LoadResult(len(latencies), time.perf_counter() - start, latencies)
 
 
+async def alternate(
+    rounds: int, *sides: Callable[[], Awaitable[LoadResult]]
+) -> list[list[LoadResult]]:
+    """Run every side `rounds` times, rotating which goes first each round (so neither
+    side always meets the database warm or cold)."""
+    results: list[list[LoadResult]] = [[] for _ in sides]
+    for n in range(rounds):
+        for k in range(len(sides)):
+            i = (k + n) % len(sides)
+            results[i].append(await sides[i]())
+    return results
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
