@@ -95,8 +95,8 @@ class Deployment(DeploymentFields, Document):
         name = "deployments"
         use_revision = False
         # Lists, as for jobs: one owner's by id; a created window (its bounds where few
-        # match); by id with the window checked in the keys (and SecantusDB reads the id
-        # order only from an index led by `_id`).
+        # match); by id after a cursor with the window checked in the keys, and the index
+        # led by `_id` that SecantusDB needs to read the id order.
         indexes = [_index("user_id", "_id"), _index("created", "_id"), _index("_id", "created")]
 
 
@@ -118,8 +118,9 @@ class Job(JobFields, Document):
             _index("user_id", "task_status", "_id"),
             _index("user_id", "task_status", "started_at", "_id"),
             # No equality: by started_at, or a started window (its bounds); a finished
-            # window (its bounds, where few jobs match); by id with either window checked
-            # in the keys (and SecantusDB reads the id order only from an index led by `_id`).
+            # window (its bounds, where few jobs match); by id after a cursor, either window
+            # checked in the keys (MongoDB takes an index for a condition on its first field
+            # only), and the index led by `_id` that SecantusDB needs to read the id order.
             _index("started_at", "_id"),
             _index("finished_at", "_id"),
             _index("_id", "started_at", "finished_at"),
