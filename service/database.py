@@ -93,7 +93,7 @@ async def analytics_source(db: AsyncDatabase[Doc], settings: Settings) -> AsyncD
 
 
 async def init_database(db: AsyncDatabase[Doc]) -> None:
-    """Register the documents with Beanie, which creates their indexes; and GridFS's.
+    """Register the documents with Beanie; create their indexes, and GridFS's.
 
     Building an index on a large existing collection can take minutes, longer than
     MONGODB_OPERATION_TIMEOUT_MS allows one reply: `pymongo.timeout` lifts that limit here,
@@ -102,6 +102,11 @@ async def init_database(db: AsyncDatabase[Doc]) -> None:
     await db.command("ping")
     with pymongo.timeout(INIT_TIMEOUT_S):
         await init_beanie(database=db, document_models=DOCUMENT_MODELS)
+        # Beanie keeps one index per set of fields (it sorts them): `created, _id` and
+        # `_id, created` are both wanted, so the declared lists are created as they are.
+        for model in DOCUMENT_MODELS:
+            if indexes := getattr(model.Settings, "indexes", None):
+                await db[model.Settings.name].create_indexes(indexes)
         for collection, indexes in GRIDFS_INDEXES.items():
             await db[collection].create_indexes(indexes)
         for kind in ("deployments", "jobs"):

@@ -1,7 +1,7 @@
 """The storage shape that analysts query directly, declared once: documents and indexes.
 
-Integer `_id`s, BSON dates (UTC), `data` as native BSON, one index per filter and sort
-the list endpoints offer. Every stored deployment and job is built here
+Integer `_id`s, BSON dates (UTC), `data` as native BSON, and the indexes the list,
+statistics and /metrics queries read. Every stored deployment and job is built here
 (`deployment_document`, `job_document`); the Beanie documents add the collection and its
 indexes on top of the same fields. The public JSON shape lives in schemas.py; keep them
 apart so either can evolve without moving the other.
@@ -123,25 +123,37 @@ class Deployment(DeploymentFields, Document):
     class Settings:
         name = "deployments"
         use_revision = False
-        indexes = [_index("user_id", "_id"), _index("created", "_id")]
+        # Lists, as for jobs: one owner's by id; a created window (its bounds where few
+        # match); by id after a cursor with the window checked in the keys, and the index
+        # led by `_id` that SecantusDB needs to read the id order.
+        indexes = [_index("user_id", "_id"), _index("created", "_id"), _index("_id", "created")]
 
 
 class Job(JobFields, Document):
     class Settings:
         name = "jobs"
         use_revision = False
+        # Lists: the equalities, then the sort keys, then a window (ESR), for each shape the
+        # contract allows; tests/test_lists.py explains every one. Each index costs every
+        # insert, so a window beside an equality is a filter on that equality's index.
         indexes = [
-            # Each list filter with the default sort, and the started_at sort.
-            _index("deployment_id", "_id"),
+            # Each equality a list sends (the owner scope too), by id and by started_at.
             _index("user_id", "_id"),
-            _index("task_status", "_id"),
+            _index("user_id", "started_at", "_id"),  # also statistics: a user over a window
+            _index("deployment_id", "_id"),
+            _index("deployment_id", "started_at", "_id"),
+            _index("task_status", "_id"),  # also /metrics: one count per status
+            _index("task_status", "started_at", "_id"),
+            _index("user_id", "task_status", "_id"),
+            _index("user_id", "task_status", "started_at", "_id"),
+            # No equality: by started_at, or a started window (its bounds); a finished
+            # window (its bounds, where few jobs match); by id after a cursor, either window
+            # checked in the keys (MongoDB takes an index for a condition on its first field
+            # only), and the index led by `_id` that SecantusDB needs to read the id order.
             _index("started_at", "_id"),
             _index("finished_at", "_id"),
-            _index("deployment_id", "started_at", "_id"),
-            # Statistics: one user over a time window (see README "Analytics").
-            _index("user_id", "started_at", "_id"),
-            # Claims: the oldest due PENDING job; the sweeper: expired leases, old cancels.
-            _index("task_status", "started_at", "_id"),
+            _index("_id", "started_at", "finished_at"),
+            # The sweeper: expired leases, cancels past their grace period.
             _index("task_status", "lease.expires_at"),
             _index("task_status", "cancel_requested_at"),
         ]

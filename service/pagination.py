@@ -64,21 +64,29 @@ class ListQuery:
         MongoDB and SecantusDB turn that into index bounds, while SecantusDB scans every
         match of `{"$and": [filter, keyset]}` or an `$or` keyset. After a cursor, a
         `started_at` sort reads the rest of the last item's tie (same `started_at`,
-        further `_id`s), then what lies beyond it.
+        further `_id`s), then what lies beyond it. Equalities come first in each filter:
+        one SecantusDB cannot plan whole (two ranges, say) it reads through the index of
+        its first indexed condition.
         """
         direction = -1 if self.descending else 1
         order = [(self.sort_field, direction), ("_id", direction)]
         if self.sort_field == "_id":
             order = order[1:]
-        if self.after is None:
-            return [(self.filter, order)]
-        value, last_id = self.after
-        op = "$lt" if self.descending else "$gt"
-        if self.sort_field == "_id":
-            return [(_bounded(self.filter, "_id", op, last_id), order)]
-        tie = {**_bounded(self.filter, "_id", op, last_id), self.sort_field: value}
-        beyond = _bounded(self.filter, self.sort_field, op, value)
-        return [(tie, [("_id", direction)]), (beyond, order)]
+        reads = [(self.filter, order)]
+        if self.after is not None:
+            value, last_id = self.after
+            op = "$lt" if self.descending else "$gt"
+            reads = [(_bounded(self.filter, "_id", op, last_id), order)]
+            if self.sort_field != "_id":
+                tie = {self.sort_field: value, **reads[0][0]}  # its value first: the fewest
+                tie[self.sort_field] = value  # within any window on the sort field
+                beyond = _bounded(self.filter, self.sort_field, op, value)
+                reads = [(tie, [("_id", direction)]), (beyond, order)]
+        return [(_equalities_first(flt), sort) for flt, sort in reads]
+
+
+def _equalities_first(flt: dict[str, Any]) -> dict[str, Any]:
+    return dict(sorted(flt.items(), key=lambda item: isinstance(item[1], dict)))
 
 
 def _bounded(flt: dict[str, Any], name: str, op: str, value: Any) -> dict[str, Any]:

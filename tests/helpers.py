@@ -14,6 +14,29 @@ Client = TestClient[Any, Any]
 STORED = ("deployments", "jobs", "counters")  # every collection a create or patch may touch
 
 
+def winning_stages(explain: Any) -> set[str]:
+    """The stage names of the winning plans anywhere in an `explain` answer.
+
+    Find and aggregate answers nest plans differently (`stages[0].$cursor`, MongoDB's SBE
+    `queryPlan`), so every `winningPlan` is walked; `rejectedPlans` are left out.
+    """
+    found: set[str] = set()
+
+    def walk(node: Any, winning: bool) -> None:
+        if isinstance(node, dict):
+            if winning and isinstance(node.get("stage"), str):
+                found.add(node["stage"])
+            for key, child in node.items():
+                if key != "rejectedPlans":
+                    walk(child, winning or key == "winningPlan")
+        elif isinstance(node, list):
+            for child in node:
+                walk(child, winning)
+
+    walk(explain, False)
+    return found
+
+
 @dataclass
 class Users:
     """One service with auth on, and a client per caller (each sends its own key)."""

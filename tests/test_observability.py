@@ -6,17 +6,24 @@ import io
 import json
 import logging
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+from pymongo import AsyncMongoClient, monitoring
+from pymongo.asynchronous.database import AsyncDatabase
 
 from service.app import create_app
+from service.database import Doc
 from service.logs import JsonFormatter
+from service.metrics import exposition
+from service.models import job_document
+from service.ops import count_jobs
 from service.settings import Settings
 
-from .helpers import Client, create_deployment, create_job
+from .helpers import Client, create_deployment, create_job, winning_stages
 
 LogReader = Callable[[], list[dict[str, Any]]]
 
@@ -165,3 +172,53 @@ async def test_metrics_count_jobs_by_status(client: Client) -> None:
     assert value(text, "jobservice_jobs", task_status="RUNNING") == 1
     assert value(text, "jobservice_jobs", task_status="FINISHED") == 0
     assert value(text, "jobservice_database_up") == 1
+
+
+class Commands(monitoring.CommandListener):
+    """Remembers the commands sent on the collection `name`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sent: list[Doc] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command.get(event.command_name) == self.name:
+            self.sent.append(dict(event.command))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_jobs_gauge_reads_the_task_status_index(
+    db: AsyncDatabase[Doc], settings: Settings
+) -> None:
+    """Every command the count sends is an index read: a scrape must not read every job."""
+    started = datetime(2026, 1, 1, tzinfo=UTC)
+    statuses = ["PENDING", "RUNNING", "FINISHED", "ERROR"]
+    await db.jobs.insert_many(
+        job_document(_id=i, user_id="u", deployment_id=1, started_at=started, task_status=s)
+        for i, s in enumerate(statuses * 50 + ["PENDING"], 1)
+    )
+    listener = Commands("jobs")
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(
+        settings.mongodb_url, event_listeners=[listener]
+    )
+    async with client:
+        assert await count_jobs(client[settings.mongodb_db])
+    text = exposition().decode()
+    assert value(text, "jobservice_jobs", task_status="PENDING") == 51
+    assert value(text, "jobservice_jobs", task_status="ERROR") == 50
+    assert listener.sent
+    for command in listener.sent:
+        assert command.keys() & {"aggregate", "count"}, command
+        explained = {
+            k: v for k, v in command.items() if k in ("aggregate", "pipeline", "count", "query")
+        }
+        if "aggregate" in explained:
+            explained["cursor"] = {}
+        plan = await db.command({"explain": explained, "verbosity": "queryPlanner"})
+        stages = winning_stages(plan)
+        assert "COLLSCAN" not in stages and stages & {"IXSCAN", "COUNT_SCAN"}, (command, stages)
