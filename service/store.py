@@ -6,7 +6,7 @@ what is stored), and writes that with one `update_one` conditioned on the revisi
 read. A concurrent change makes the condition fail; the record is then read again and the
 change decided anew, so nothing is lost and two requests never both win a transition.
 Both queries are equality lookups by `_id`, which every planner, SecantusDB's included,
-answers from the index (its findAndModify and `$in` filters scan the collection).
+answers from the index (SecantusDB's findAndModify scans the whole collection).
 """
 
 from __future__ import annotations
