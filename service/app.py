@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import auth, bulk_export, bulk_import, claims, deployments, jobs, ops, results, stats
+from . import auth, bulk_export, bulk_import, claims, deployments, events, jobs, ops, results, stats
 from .database import DB, Database, cursor_secret, init_database, make_client
 from .embedded import EmbeddedDatabase, embedded_server
 from .errors import problem_middleware
@@ -54,7 +54,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
     auth.setup(app, settings)  # after the problem middleware and the database
-    app.cleanup_ctx.append(claims.executors_ctx)
+    app.cleanup_ctx.append(events.changes_ctx)  # the change stream, after the database
+    app.on_shutdown.append(events.end_waits)
+    app.cleanup_ctx.append(claims.executors_ctx)  # after the change stream
     app.cleanup_ctx.append(jobs.creates_ctx)  # the create batchers, after the database
     app.cleanup_ctx.append(deployments.creates_ctx)
     app.add_routes(ops.routes)
@@ -65,4 +67,5 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(bulk_import.routes)
     app.add_routes(bulk_export.routes)
     app.add_routes(stats.routes)
+    app.add_routes(events.routes)
     return app

@@ -23,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from .auth import owner_filter
+from .changes import CHANGES
 from .database import DB, Doc
 from .errors import Conflict, NotFound
 from .http import json_response, path_id, read_body, record_response
@@ -163,6 +164,7 @@ async def executors_ctx(app: web.Application) -> AsyncIterator[None]:
     survives by design.
     """
     app[WAKEUPS] = Wakeups(app[SETTINGS].max_waiters)
+    app[CHANGES].on_pending = app[WAKEUPS].notify  # a PENDING job, from any instance
     stop = asyncio.Event()
     sweeper = asyncio.create_task(run_sweeper(app[DB].db, app[SETTINGS], stop))
     yield

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from .batching import Batcher
 from .database import DB, Doc, next_ids
 from .errors import Conflict
 from .http import (
-    check_query,
+    conditional_get,
     if_match,
     page_response,
     path_id,
@@ -168,11 +169,9 @@ async def list_all(request: web.Request) -> web.Response:
 @routes.get("/deployments/{deployment_id}")
 async def get_one(request: web.Request) -> web.Response:
     deployment_id = path_id(request, "deployment_id", "deployment")
-    check_query(request)
-    doc = await get_checked(
-        request.app[DB].db.deployments, deployment_id, None, "deployment", owner_filter(request)
-    )
-    return record_response(public_deployment(doc))
+    collection, owner = request.app[DB].db.deployments, owner_filter(request)
+    read = partial(get_checked, collection, deployment_id, None, "deployment", owner)
+    return await conditional_get(request, read, ("deployments", deployment_id), public_deployment)
 
 
 @routes.patch("/deployments/{deployment_id}")

@@ -114,6 +114,18 @@ class Overloaded(Problem):
     status, slug, title = 503, "overloaded", "Too many waiting requests"
 
 
+class Gone(Problem):
+    """A resume point this service can no longer resume from: reload, then watch anew."""
+
+    status, slug, title = 410, "history-lost", "Resume point no longer available"
+
+
+class CannotWatch(Problem):
+    """The database cannot stream changes (e.g. a standalone mongod): no /events here."""
+
+    status, slug, title = 503, "cannot-watch", "Change events unavailable"
+
+
 def invalid(loc: Loc, msg: str) -> ValidationFailed:
     """A 422 for one field, e.g. `invalid(["body", "deployment_id"], "no such deployment")`."""
     return ValidationFailed(f"{'.'.join(map(str, loc))}: {msg}", errors=[error(loc, msg)])

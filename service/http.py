@@ -4,7 +4,8 @@ request is read within.
 - `body_deadline(request)`: around every read of a whole request body (a slow body is 408);
   for streamed bodies, where a total deadline would cut off large uploads, each read must
   finish within it: `read_deadline(request, read)` or `deadline_stream(request)`;
-- `HEADER_LIMITS`: the request line and header sizes aiohttp's parser accepts.
+- `HEADER_LIMITS`: the request line and header sizes aiohttp's parser accepts;
+- `conditional_get`: GET of one record with If-None-Match, and `wait_s` to wait for a change.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any, cast
 import orjson
 from aiohttp import StreamReader, web
 
+from .changes import CHANGES, Key
 from .errors import BadRequest, NotFound, RequestTimeout, UnsupportedMediaType, bad_query
 from .schemas import M, validate_body
 from .settings import SETTINGS
 from .store import Page
+from .wakeups import WAKEUPS
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -83,6 +86,76 @@ def if_match(request: web.Request) -> int | None:
     if malformed or not digits.isascii() or not digits.isdigit() or len(digits) > 19:
         raise BadRequest(f'If-Match must be "<revision>" or *, not {header!r}.')
     return int(digits)
+
+
+def if_none_match(request: web.Request) -> set[int] | None:
+    """Revisions an `If-None-Match` header names (`"3"`, `W/"3"`, a list; `*`: any, as
+    {-1}); None when absent."""
+    header = request.headers.get("If-None-Match")
+    if header is None:
+        return None
+    if header.strip() == "*":
+        return {-1}
+    revisions = set()
+    for tag in header.split(","):
+        digits = tag.strip().removeprefix("W/")
+        if len(digits) < 3 or digits[0] != '"' or digits[-1] != '"':
+            digits = ""
+        digits = digits[1:-1]
+        if not digits.isascii() or not digits.isdigit() or len(digits) > 19:
+            raise BadRequest(f'If-None-Match must list "<revision>" tags or be *, not {header!r}.')
+        revisions.add(int(digits))
+    return revisions
+
+
+def wait_param(request: web.Request) -> float:
+    """`wait_s`, the one query parameter of a GET of one record: 0-60 seconds, default 0."""
+    check_query(request, "wait_s")
+    values = request.query.getall("wait_s", ["0"])
+    try:
+        seconds = float(values[0])
+    except ValueError:
+        seconds = -1.0
+    if len(values) > 1 or not 0 <= seconds <= 60:
+        raise bad_query("wait_s", "must be given once, as a number of seconds from 0 to 60")
+    return seconds
+
+
+async def conditional_get(
+    request: web.Request,
+    read: Callable[[], Awaitable[dict[str, Any]]],
+    key: Key,
+    render: Callable[[dict[str, Any]], dict[str, Any]],
+) -> web.Response:
+    """The record `read()` returns, or 304 when If-None-Match names its revision; with
+    `wait_s`, a 304 only after waiting that long for the revision to change (answered as
+    soon as it does: the instance's change stream wakes the wait)."""
+    seconds, known = wait_param(request), if_none_match(request)
+
+    def unchanged(doc: dict[str, Any]) -> bool:
+        return known is not None and (doc["revision"] in known or -1 in known)
+
+    loop, feed = asyncio.get_running_loop(), request.app[CHANGES]
+    deadline = loop.time() + seconds
+    # Taken before reading, so that no change slips in between the read and the wait.
+    changed = feed.changed(key) if known is not None and seconds > 0 else None
+    try:
+        doc = await read()
+        if changed is not None and unchanged(doc):
+            async with request.app[WAKEUPS].slot():
+                while unchanged(doc) and (left := deadline - loop.time()) > 0:
+                    if feed.closing:
+                        break
+                    await feed.wait_changed(changed, left)
+                    feed.forget(key, changed)
+                    changed = feed.changed(key)
+                    doc = await read()
+    finally:
+        if changed is not None:
+            feed.forget(key, changed)
+    if unchanged(doc):
+        return web.Response(status=304, headers={"ETag": f'"{doc["revision"]}"'})
+    return record_response(render(doc))
 
 
 def page_response(

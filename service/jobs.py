@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from .database import DB, Doc, next_ids
 from .errors import Conflict, NotFound, Problem, ValidationFailed, invalid
 from .http import (
     check_query,
+    conditional_get,
     if_match,
     page_response,
     path_id,
@@ -360,9 +362,8 @@ async def list_for_deployment(request: web.Request) -> web.Response:
 @routes.get(ONE_JOB)
 async def get_one(request: web.Request) -> web.Response:
     job_id = path_id(request, "job_id", "job")
-    check_query(request)
-    doc = await get_checked(request.app[DB].db.jobs, job_id, None, "job", owner_filter(request))
-    return record_response(public_job(doc))
+    read = partial(get_checked, request.app[DB].db.jobs, job_id, None, "job", owner_filter(request))
+    return await conditional_get(request, read, ("jobs", job_id), public_job)
 
 
 @routes.patch(ONE_JOB)

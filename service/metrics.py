@@ -87,6 +87,13 @@ for _kind in ("deployments", "jobs"):  # every series exists from the start, at 
         IMPORT_ROWS.labels(_kind, _outcome)
 
 
+EVENT_STREAMS = Gauge("jobservice_event_streams", "GET /events streams open in this instance.")
+EVENT_STREAMS_DROPPED = Counter(
+    "jobservice_event_streams_dropped",
+    "Event streams ended because their client read too slowly.",
+)
+
+
 class CommandMetrics(monitoring.CommandListener):
     """Times every database command. Called inline by the driver: keep it this cheap."""
 

@@ -111,8 +111,37 @@ class Settings(BaseSettings):
     max_waiters: int = Field(
         1000,
         ge=0,
-        description="Requests that may wait at once in this instance (claims with wait_s); "
-        "more get 503 with Retry-After.",
+        description="Requests that may wait at once in this instance (claims and GETs with "
+        "wait_s); more get 503 with Retry-After.",
+    )
+
+    # --- waiting and watching (service/changes.py, service/events.py) ---
+    max_streams: int = Field(
+        1000,
+        ge=0,
+        description="Event streams (GET /events) open at once in this instance; more get 503 "
+        "with Retry-After.",
+    )
+    events_heartbeat_s: float = Field(
+        10.0,
+        gt=0,
+        le=15,
+        description="An event stream without events gets a comment line this often.",
+    )
+    events_max_s: float = Field(
+        3600.0,
+        gt=0,
+        description="An event stream ends after this long (with an `end` event); the client "
+        "reconnects with Last-Event-ID, losing nothing, and is authenticated again.",
+    )
+    events_backlog: int = Field(
+        10_000,
+        ge=1,
+        description="Latest job changes kept in memory, for resumes and for streams that "
+        "fall behind; a stream further behind than that is dropped (with a `dropped` event).",
+    )
+    events_backlog_mib: int = Field(
+        64, ge=1, description="The most memory those kept changes may take, in MiB."
     )
 
     # --- authentication (service/auth.py) ---

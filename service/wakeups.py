@@ -1,10 +1,10 @@
-"""Waiting requests in this instance: how many may wait, and waking them when jobs change.
+"""Waiting requests in this instance: how many may wait, and waking waiting claims.
 
-A claim with `wait_s` waits here between its attempts. `notify()` (a job was created,
-retried or imported through this instance) wakes every waiter at once; any other new due
-job (made through another instance, or scheduled and now due) is found by the next
-attempt, at most POLL_S later. The limit on waiters is MAX_WAITERS: past it a request is
-refused with 503 rather than held.
+A claim with `wait_s` waits here between its attempts. `notify()` (a PENDING job appeared:
+created, retried or imported through any instance, seen by service/changes.py's stream, or
+through this one) wakes every waiting claim at once; a scheduled job that becomes due is
+found by the next attempt, at most POLL_S later. Claims and GETs with `wait_s` share the
+limit MAX_WAITERS: past it a request is refused with 503 rather than held.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ POLL_S = 1.0  # longest time between two attempts of a waiting request
 
 class Wakeups:
     def __init__(self, max_waiters: int) -> None:
-        self.max_waiters = max_waiters
-        self.waiting = 0
+        self.waiters = Limit(max_waiters, "requests are waiting", "MAX_WAITERS")
         self._changed: asyncio.Future[None] | None = None
 
     def notify(self) -> None:
@@ -39,20 +38,31 @@ class Wakeups:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._changed), min(seconds, POLL_S))
 
+    def slot(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """One waiter's place (claims and GETs with wait_s); 503 beyond MAX_WAITERS."""
+        return self.waiters.slot()
+
+
+class Limit:
+    """At most `most` of something at once in this instance; one more gets 503."""
+
+    def __init__(self, most: int, what: str, setting: str) -> None:
+        self.most, self.what, self.setting = most, what, setting
+        self.used = 0
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """One waiter's place; 503 when MAX_WAITERS are waiting already."""
-        if self.waiting >= self.max_waiters:
+        if self.used >= self.most:
             raise Overloaded(
-                f"{self.waiting} requests are waiting in this instance already, the most it "
-                "holds (MAX_WAITERS); try again later.",
+                f"{self.used} {self.what} in this instance already, the most it holds "
+                f"({self.setting}); try again later.",
                 headers={"Retry-After": RETRY_AFTER_S},
             )
-        self.waiting += 1
+        self.used += 1
         try:
             yield
         finally:
-            self.waiting -= 1
+            self.used -= 1
 
 
 WAKEUPS = web.AppKey("wakeups", Wakeups)

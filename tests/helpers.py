@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,3 +77,65 @@ async def snapshot(db: AsyncDatabase[dict[str, Any]], *collections: str) -> dict
         name: [bytes(doc.raw) async for doc in raw[name].find().sort("_id", 1)]
         for name in collections or STORED
     }
+
+
+@dataclass
+class Event:
+    """One server-sent event: its `event:` name, `id:` and `data:` (parsed as JSON)."""
+
+    name: str
+    id: str | None
+    data: Any
+
+
+class EventStream:
+    """Reads the server-sent events of a response (`GET /events`), one at a time."""
+
+    def __init__(self, resp: Any) -> None:
+        self.resp = resp
+        self.comments: list[str] = []
+
+    @classmethod
+    async def open(cls, client: Client, path: str = "/events", **kwargs: Any) -> EventStream:
+        """Open a stream and wait for its first comment: from then on no change is missed."""
+        resp = await client.get(path, **kwargs)
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        stream = cls(resp)
+        await stream.comment()
+        return stream
+
+    async def _block(self, within: float) -> list[str]:
+        lines: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(self.resp.content.readline(), within)
+            if not raw:
+                raise EOFError("the stream ended")
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if lines:
+                    return lines
+                continue
+            lines.append(line)
+
+    async def comment(self, within: float = 10) -> str:
+        lines = await self._block(within)
+        assert lines[0].startswith(":"), lines
+        return lines[0]
+
+    async def next(self, within: float = 10) -> Event:
+        """The next event (comments are kept in `comments`)."""
+        while True:
+            lines = await self._block(within)
+            if lines[0].startswith(":"):
+                self.comments.extend(lines)
+                continue
+            fields = dict(line.split(": ", 1) for line in lines)
+            data = json.loads(fields["data"])
+            return Event(fields.get("event", "message"), fields.get("id"), data)
+
+    async def take(self, n: int, within: float = 10) -> list[Event]:
+        return [await self.next(within) for _ in range(n)]
+
+    def close(self) -> None:
+        self.resp.close()
