@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from .common import BenchEnv, Row, database, print_table
 
 # Each issue adds its module here.
-BENCHES = ["api", "results", "bulk", "analytics", "auth", "claims"]
+BENCHES = ["api", "results", "bulk", "analytics", "auth", "claims", "events"]
 
 
 async def main(names: list[str], quick: bool) -> int:

@@ -38,7 +38,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         db = client[settings.mongodb_db]
         await init_database(db)
         key = await cursor_secret(db, settings.cursor_secret)
-        app[DB] = Database(client, db, key, embedded)
+        app[DB] = Database(client, db, key, url, embedded)
         log.info("database %r ready", settings.mongodb_db)
         yield
 

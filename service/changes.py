@@ -34,7 +34,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure, PyMongoError
 
 from .database import Doc
-from .errors import BadRequest, Gone
+from .errors import RETRY_AFTER_S, BadRequest, Gone, Overloaded
 from .schemas import public_job
 from .settings import Settings
 
@@ -44,6 +44,8 @@ POLL_S = 1.0  # where nothing can be watched, a waiter looks again this often
 AWAIT_MS = 1000  # each read of the stream returns within this, so stopping is prompt
 RETRY_S = 1.0  # after the stream failed (the database is down), open it again after this
 NO_REPLICA_SET = 40573  # "The $changeStream stage is only supported on replica sets"
+CATCH_UPS = 4  # catch-up streams at once (each holds a connection while it waits)
+CATCH_UP_WAIT_S = 10.0  # a resume waits this long for its turn, then is 503
 HISTORY_LOST = {286, 280}  # ChangeStreamHistoryLost; ChangeStreamFatalError (token not found)
 Key = tuple[str, int]  # (collection, _id)
 
@@ -124,6 +126,7 @@ class ChangeFeed:
         self._wake_soon = False
         self._waiters: dict[Key, set[asyncio.Future[None]]] = {}
         self._stop = asyncio.Event()
+        self.catch_ups = asyncio.Semaphore(CATCH_UPS)
         self.started = asyncio.Event()  # set once the stream was first opened (or refused)
 
     # --- the backlog, for /events ------------------------------------------------------
@@ -300,14 +303,24 @@ class ChangeFeed:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def catch_up(self, event_id: str) -> AsyncChangeStream[Doc]:
-        """A stream of the changes after `event_id` for a client resuming from a point no
-        longer (or not yet) in the backlog. 410 when the database no longer has it."""
+    async def open_catch_up(self, event_id: str) -> AsyncChangeStream[Doc]:
+        """A stream of the changes after `event_id`, for a client resuming from a point no
+        longer (or not yet) in the backlog; `end_catch_up` it once it reached the backlog.
+        At most CATCH_UPS at once: 503 after waiting CATCH_UP_WAIT_S for a turn; 410 when
+        the database no longer has the changes after that point."""
+        try:
+            await asyncio.wait_for(self.catch_ups.acquire(), CATCH_UP_WAIT_S)
+        except TimeoutError:
+            raise Overloaded(
+                f"{CATCH_UPS} streams are catching up from a Last-Event-ID already; try again.",
+                headers={"Retry-After": RETRY_AFTER_S},
+            ) from None
         try:
             return await self._db.watch(
                 PIPELINE, resume_after={"_data": event_id}, **self._options()
             )
         except OperationFailure as exc:
+            self.catch_ups.release()
             if exc.code in HISTORY_LOST:
                 raise Gone(
                     "Last-Event-ID is older than the changes the database keeps: reload what "
@@ -315,6 +328,15 @@ class ChangeFeed:
                 ) from None
             why = (exc.details or {}).get("errmsg", exc.code)
             raise BadRequest(f"Last-Event-ID is not an event id of this service: {why}") from None
+        except BaseException:
+            self.catch_ups.release()
+            raise
+
+    async def end_catch_up(self, stream: AsyncChangeStream[Doc]) -> None:
+        try:
+            await stream.close()
+        finally:
+            self.catch_ups.release()
 
     def close(self) -> None:
         """The service is stopping: end every wait and stream now."""

@@ -8,7 +8,7 @@ import secrets
 import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pymongo
@@ -157,6 +157,7 @@ class Database:
     client: AsyncMongoClient[Doc]
     db: AsyncDatabase[Doc]
     cursor_key: bytes
+    url: str = field(default="", repr=False)  # may hold a password
     embedded: EmbeddedDatabase | None = None  # set when the service runs its own database
 
 

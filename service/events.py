@@ -24,8 +24,8 @@ from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.errors import OperationFailure
 
 from .auth import owner_filter
-from .changes import CHANGES, HISTORY_LOST, ChangeFeed, JobEvent, job_event
-from .database import DB, Doc
+from .changes import CATCH_UPS, CHANGES, HISTORY_LOST, ChangeFeed, JobEvent, job_event
+from .database import DB, Doc, make_client
 from .errors import RETRY_AFTER_S, BadRequest, CannotWatch
 from .metrics import EVENT_STREAMS, EVENT_STREAMS_DROPPED
 from .pagination import FilterKind, parse_filters
@@ -125,28 +125,27 @@ async def catch_up(
     """Send the changes of a private stream until one is in the backlog; its position."""
     feed, loop = sender.feed, asyncio.get_running_loop()
     generation, last = feed.generation, None
-    async with stream:
-        while True:
-            if last is not None and (seq := feed.position(last)) is not None:
-                return seq + 1
-            check_open(feed, generation, deadline, loop.time())
-            try:
-                change = await stream.try_next()
-            except OperationFailure as exc:
-                if exc.code in HISTORY_LOST:
-                    raise lost() from None
-                raise
-            if change is None and not stream.alive:
-                raise lost()  # closed by the database: it cannot go on from there
-            event = None if change is None else job_event(change)
-            if event is None:
-                await sender.heartbeat_if_due()
-                continue
-            if (seq := feed.position(event.id)) is not None:
-                return seq
-            if scope(event):
-                await sender.send(event.frame)
-            last = event.id
+    while True:
+        if last is not None and (seq := feed.position(last)) is not None:
+            return seq + 1
+        check_open(feed, generation, deadline, loop.time())
+        try:
+            change = await stream.try_next()
+        except OperationFailure as exc:
+            if exc.code in HISTORY_LOST:
+                raise lost() from None
+            raise
+        if change is None and not stream.alive:
+            raise lost()  # closed by the database: it cannot go on from there
+        event = None if change is None else job_event(change)
+        if event is None:
+            await sender.heartbeat_if_due()
+            continue
+        if (seq := feed.position(event.id)) is not None:
+            return seq
+        if scope(event):
+            await sender.send(event.frame)
+        last = event.id
 
 
 async def follow(sender: Sender, seq: int, scope: Scope, deadline: float) -> None:
@@ -183,15 +182,15 @@ def lost() -> Ended:
     )
 
 
-async def start_point(feed: ChangeFeed, last_id: str | None) -> int | AsyncChangeStream[Doc]:
-    """Where a stream starts: now, after a backlog event, or on a catch-up stream."""
+def start_point(feed: ChangeFeed, last_id: str | None) -> int | None:
+    """Where a stream starts in the backlog: now, or after the event `last_id`; None when
+    that event is not in the backlog (then a catch-up stream starts there)."""
     if last_id is None:
         return feed.end
-    last_id = last_id.strip()
     if not EVENT_ID.fullmatch(last_id):
         raise BadRequest("Last-Event-ID must be the id of an event of /events.")
     seq = feed.position(last_id)
-    return seq + 1 if seq is not None else await feed.catch_up(last_id)
+    return None if seq is None else seq + 1
 
 
 # --- handler, and the feed's life -----------------------------------------------------
@@ -204,7 +203,11 @@ async def events(request: web.Request) -> web.StreamResponse:
     if not feed.available:
         raise CannotWatch(f"/events is unavailable: {feed.reason}.", headers=_retry(feed))
     async with request.app[STREAMS].slot():
-        start = await start_point(feed, request.headers.get("Last-Event-ID"))
+        last_id = request.headers.get("Last-Event-ID", "").strip() or None
+        start = start_point(feed, last_id)
+        private = (
+            None if start is not None or last_id is None else await feed.open_catch_up(last_id)
+        )
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -213,14 +216,19 @@ async def events(request: web.Request) -> web.StreamResponse:
             }
         )
         response.force_close()  # the connection ends with the stream: no reuse after it
-        await response.prepare(request)
         sender = Sender(request, response, feed)
         deadline = asyncio.get_running_loop().time() + settings.events_max_s
         EVENT_STREAMS.inc()
         try:
+            await response.prepare(request)
             await sender.send(b": connected\n\n")
-            if not isinstance(start, int):
-                start = await catch_up(sender, start, scope, deadline)
+            if private is not None:
+                stream, private = private, None
+                try:
+                    start = await catch_up(sender, stream, scope, deadline)
+                finally:
+                    await feed.end_catch_up(stream)  # its turn ends once it joined the backlog
+            assert start is not None
             await follow(sender, start, scope, deadline)
         except Ended as ended:
             await sender.final(ended)
@@ -228,8 +236,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             pass  # the client went away
         finally:
             EVENT_STREAMS.dec()
-            if isinstance(start, AsyncChangeStream):
-                await start.close()
+            if private is not None:
+                await feed.end_catch_up(private)
     return response
 
 
@@ -240,7 +248,11 @@ def _retry(feed: ChangeFeed) -> dict[str, str]:
 async def changes_ctx(app: web.Application) -> AsyncIterator[None]:
     """This instance's change feed and its reader; after the database's context."""
     settings: Settings = app[SETTINGS]
-    feed = app[CHANGES] = ChangeFeed(app[DB].db, settings)
+    # Its own connections: a change stream holds one in every wait for changes, which must
+    # not take the requests' (MONGODB_POOL_SIZE). One for the feed, one per catch-up.
+    pool = settings.model_copy(update={"mongodb_pool_size": CATCH_UPS + 1})
+    client = make_client(app[DB].url, pool)
+    feed = app[CHANGES] = ChangeFeed(client[settings.mongodb_db], settings)
     app[STREAMS] = Limit(settings.max_streams, "event streams are open", "MAX_STREAMS")
     reader = asyncio.create_task(feed.run())
     with contextlib.suppress(TimeoutError):  # the first requests find it watching
@@ -249,6 +261,7 @@ async def changes_ctx(app: web.Application) -> AsyncIterator[None]:
     feed.stop()  # by an event: the driver may swallow a cancellation mid-command
     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(reader, 5)
+    await client.close()
 
 
 async def end_waits(app: web.Application) -> None:
