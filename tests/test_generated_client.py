@@ -58,6 +58,7 @@ def generated(tmp_path: Path) -> Iterator[dict[str, ModuleType]]:
                     "jobs": ["create_job", "get_job", "list_jobs", "patch_job"],
                     "executors": ["claim_job", "heartbeat_job"],
                     "results": ["put_result", "get_result"],
+                    "bulk": ["export_jobs", "import_jobs"],
                 }.items()
                 for op in ops
             },
@@ -70,7 +71,7 @@ def generated(tmp_path: Path) -> Iterator[dict[str, ModuleType]]:
 
 
 def executor_round(g: dict[str, ModuleType], base_url: str, token: str) -> tuple[int, list[int]]:
-    """With the synchronous client: create, claim, heartbeat, upload, finish, page.
+    """With the synchronous client: create, claim, heartbeat, upload, finish, page, export.
 
     Returns the finished job's id and the ids of every job created.
     """
@@ -144,6 +145,19 @@ def executor_round(g: dict[str, ModuleType], base_url: str, token: str) -> tuple
         seen += [j.job_id for j in page.items]
         assert page.next_cursor is None
         assert seen == [j.job_id for j in jobs]
+
+        # NDJSON both ways, as bytes: the export imported again skips every record.
+        export = g["export_jobs"].sync(client=c, deployment_id=dep.deployment_id)
+        assert isinstance(export, g["types"].File)
+        lines = export.payload.read().splitlines()
+        assert len(lines) == 3
+        report = g["import_jobs"].sync(
+            client=c,
+            body=g["types"].File(payload=BytesIO(b"\n".join(lines))),
+            on_conflict=m.ImportJobsOnConflict.SKIP,
+        )
+        assert isinstance(report, m.ImportReport)
+        assert (report.received, report.skipped, report.failed) == (3, 3, 0)
     return claimed.job_id, seen
 
 
