@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clients clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,5 +30,19 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# Clients generated from openapi.yaml, as the README's "Generated clients" describes; fails on
+# any generator warning. Python: an installable project in build/clients/python. TypeScript
+# (needs node's npx; not part of `make test`): build/clients/typescript/api.d.ts.
+OPENAPI_TS ?= openapi-typescript@7.13.0
+clients: $(STAMP)
+	rm -rf build/clients && mkdir -p build/clients/typescript
+	$(BIN)/openapi-python-client generate --path openapi.yaml \
+		--config clients/openapi-python-client.yaml --output-path build/clients/python \
+		--fail-on-warning
+	npx --yes $(OPENAPI_TS) openapi.yaml -o build/clients/typescript/api.d.ts \
+		> build/clients/typescript/log.txt 2>&1 || { cat build/clients/typescript/log.txt; exit 1; }
+	@cat build/clients/typescript/log.txt
+	@if grep -qi warn build/clients/typescript/log.txt; then echo "openapi-typescript warned"; exit 1; fi
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build

@@ -1,7 +1,9 @@
-"""Schemathesis hooks, loaded through schemathesis.toml: NDJSON bodies both ways, and
-claims that do not wait long.
+"""Schemathesis hooks, loaded through schemathesis.toml: bodies checked as what they parse
+to, NDJSON bodies both ways, and claims that do not wait long.
 
-The spec describes an NDJSON body as the array of its lines' records, so imports are
+A media type whose body is not JSON (NDJSON, YAML, result files) has the `schema` that
+client generators read (bytes, text) and an `x-parsed-schema`: what the body parses to. The
+spec describes an NDJSON body there as the array of its lines' records, so imports are
 fuzzed with records and every exported line is checked against the record schema.
 """
 
@@ -11,6 +13,24 @@ import json
 from typing import Any
 
 import schemathesis
+
+
+def _use_parsed_schemas(node: Any) -> None:
+    """Every media type with an `x-parsed-schema` gets it as its `schema`, in place."""
+    if isinstance(node, dict):
+        if "x-parsed-schema" in node:
+            node["schema"] = node.pop("x-parsed-schema")
+        for child in node.values():
+            _use_parsed_schemas(child)
+    elif isinstance(node, list):
+        for child in node:
+            _use_parsed_schemas(child)
+
+
+@schemathesis.hook
+def before_load_schema(ctx: Any, raw_schema: dict[str, Any]) -> None:
+    """Requests are made and responses checked with the parsed shapes of non-JSON bodies."""
+    _use_parsed_schemas(raw_schema.get("paths", {}))
 
 
 @schemathesis.serializer("application/x-ndjson")

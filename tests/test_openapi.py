@@ -52,6 +52,41 @@ def test_spec_is_valid_openapi_3_1() -> None:
     assert SPEC["openapi"].startswith("3.1")
 
 
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+GENERATOR_CONFIG = SPEC_PATH.parent / "clients" / "openapi-python-client.yaml"
+
+
+def test_spec_follows_the_conventions_generators_need() -> None:
+    """The conventions written at the top of `components` (tests/test_generated_client.py
+    runs the generator itself; this says which rule a new operation broke)."""
+    overrides = yaml.safe_load(GENERATOR_CONFIG.read_text())["content_type_overrides"]
+
+    def readable(media_type: str) -> bool:  # by openapi-python-client, given the overrides
+        media_type = overrides.get(media_type, media_type)
+        known = ("application/json", "application/octet-stream", "text/")
+        return media_type.startswith(known) or media_type.endswith("+json")
+
+    for path, ops in SPEC["paths"].items():
+        for method, op in ops.items():
+            if method == "parameters":
+                continue
+            where = f"{method.upper()} {path}"
+            assert op.get("operationId") and op.get("tags"), f"{where}: operationId, tags"
+            for code, response in op["responses"].items():
+                if int(code) >= 400:
+                    assert "$ref" in response, f"{where} {code}: not a components/responses $ref"
+                for media_type in response.get("content", {}):
+                    assert readable(media_type), f"{where} {code}: {media_type}"
+            for media_type in op.get("requestBody", {}).get("content", {}):
+                assert readable(media_type), f"{where} request body: {media_type}"
+    for name, response in SPEC["components"]["responses"].items():
+        problem = response.get("content", {}).get("application/problem+json")
+        if problem is not None:
+            schema = problem["schema"]
+            assert schema["allOf"] == [PROBLEM_REF], f"{name}: allOf is the Problem $ref only"
+            assert set(schema["properties"]) <= {"type", "status"}, name
+
+
 def test_spec_covers_every_route(client: Client) -> None:
     routes = {
         (r.method.lower(), r.resource.canonical)
