@@ -46,14 +46,21 @@ def from_ndjson(ctx: Any, response: Any) -> list[Any]:
     return [json.loads(line) for line in response.content.splitlines() if line.strip()]
 
 
-CLAIM_WAIT_S = 0.2  # the longest a fuzzed claim waits
+CLAIM_WAIT_S = 0.2  # the longest a fuzzed claim or GET waits
+WAITING_GETS = ("/jobs/{job_id}", "/deployments/{deployment_id}")
 
 
 @schemathesis.hook
 def before_call(ctx: Any, case: Any, kwargs: dict[str, Any]) -> None:
-    """A claim's valid `wait_s` (0-60) is cut to CLAIM_WAIT_S: with no job due, a claim
-    holds its request that long, and up to 60 s a case would outlast the run. The value
-    stays valid, so every check still applies; invalid values are sent as generated."""
+    """A claim's or a GET's valid `wait_s` (0-60) is cut to CLAIM_WAIT_S: with no job due
+    (or no change), it holds its request that long, and up to 60 s a case would outlast
+    the run. The value stays valid, so every check still applies; invalid values are sent
+    as generated. (/events streams end after EVENTS_MAX_S, set short for the run.)"""
+    query = case.query
+    if case.operation.path in WAITING_GETS and isinstance(query, dict):
+        wait = query.get("wait_s")
+        if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 <= wait <= 60:
+            query["wait_s"] = min(wait, CLAIM_WAIT_S)
     body = case.body
     if case.operation.path == "/jobs/claim" and isinstance(body, dict):
         wait = body.get("wait_s")

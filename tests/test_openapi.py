@@ -236,6 +236,7 @@ def live_service(mongodb_url: str, tmp_path: Path) -> Any:
     env = {**os.environ, "MONGODB_URL": mongodb_url, "MONGODB_DB": name, "LOG_LEVEL": "ERROR"}
     env |= {"AUTH": "enabled", "SERVICE_ADMIN_KEY": LIVE_ADMIN_KEY, "DATA_DIR": str(tmp_path)}
     env["AUTH_FAILURES_PER_MINUTE"] = "1000000"  # schemathesis tries bad credentials on purpose
+    env["EVENTS_MAX_S"] = "0.5"  # each /events case reads a whole (short) stream
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--port", str(port)],
         env=env,
