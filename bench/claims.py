@@ -13,8 +13,8 @@
   answer. Driver side: the same work done back to back without waiting, the `$inc` +
   `insert_one` of a create and then the claim's `find` + `update_one`: the floor. A
   second, service-only row inserts the job with the driver instead (as another service
-  instance would), so no wakeup reaches the waiting claim and it finds the job by its
-  next poll (wakeups.POLL_S).
+  instance would): no local wakeup reaches the waiting claim; the instance's change
+  stream does (service/changes.py), else the next poll would (wakeups.POLL_S).
 - **sweep at M jobs** (100,000; 10,000 with --quick): one `claims.sweep` pass, called in
   this process on a database no service watches, with N leases expired (N = SWEEP_BATCH,
   1,000; 100 with --quick) and with none; mostly ended jobs, 1% RUNNING with live
@@ -293,11 +293,11 @@ class Bench:
         for p in (50, 99):
             s, d = (median([r.percentile_ms(p) for r in side]) for side in (svc, drv))
             o = median([r.percentile_ms(p) for r in polled])
-            log(f"creation to claim p{p}: service {s:.1f} ms (driver floor {d:.1f}), poll {o:.0f}")
+            log(f"creation to claim p{p}: service {s:.1f} ms (driver floor {d:.1f}), other {o:.0f}")
             rows.append(
                 Row(BENCH, f"POST /jobs to a waiting claim's answer p{p}", s, d, "ms", "", False)
             )
-            metric = f"job of another instance to a waiting claim's answer p{p} (poll {POLL_S} s)"
+            metric = f"job of another instance to a waiting claim's answer p{p}"
             rows.append(Row(BENCH, metric, o, None, "ms", "", False))
         return rows
 

@@ -286,7 +286,10 @@ class ChangeFeed:
         key = (change["ns"].get("coll", ""), change["documentKey"]["_id"])
         self._wake_waiters(key)
         doc = change.get("fullDocument") or {}
-        if key[0] == "jobs" and doc.get("task_status") == "PENDING":
+        # A new PENDING job (created, retried, imported): not every change of one, or each
+        # PATCH of a PENDING job would send every waiting claim to look again.
+        is_new = change["operationType"] in ("insert", "replace")
+        if key[0] == "jobs" and is_new and doc.get("task_status") == "PENDING":
             self.on_pending()
         try:
             event = job_event(change)

@@ -10,6 +10,7 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
+from service import wakeups
 from service.app import create_app
 from service.settings import Settings
 from tests.helpers import Client, Users, create_deployment, create_job
@@ -162,3 +163,20 @@ async def test_without_a_change_stream_events_are_503_and_waits_poll(
     changed_at = await patch_later(client, path, {"data": {"x": 1}}, 0.3)
     status, _, answered_at, _ = await waiting
     assert status == 200 and answered_at - changed_at < 2.0  # a poll every second
+
+
+async def test_a_job_created_through_another_instance_wakes_a_waiting_claim(
+    aiohttp_client: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No poll in time: only the instance's change stream can wake the claim.
+    monkeypatch.setattr(wakeups, "POLL_S", 30.0)
+    one: Client = await aiohttp_client(create_app(settings))
+    other: Client = await aiohttp_client(create_app(settings))
+    dep = await create_deployment(one)
+    claim = asyncio.ensure_future(one.post("/jobs/claim", json={"executor": "e", "wait_s": 20}))
+    await asyncio.sleep(0.5)
+    job = await create_job(other, dep["deployment_id"])
+    created_at = time.monotonic()
+    resp = await asyncio.wait_for(claim, 25)
+    assert resp.status == 200 and (await resp.json())["job_id"] == job["job_id"]
+    assert time.monotonic() - created_at < 5
