@@ -29,6 +29,7 @@ import orjson
 from pymongo.asynchronous.database import AsyncDatabase
 
 from service.database import Doc
+from service.http import GONE_CHECK_S
 
 from .common import BenchEnv, LoadResult, Row, ServiceProcess, alternate, closed_loop, median
 
@@ -104,6 +105,9 @@ class Streams:
             with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
                 await task
         await self.http.close()
+        # The service frees a stream's place once it sees the client gone (GONE_CHECK_S):
+        # the next run's streams should not find them still taken.
+        await asyncio.sleep(2 * GONE_CHECK_S)
 
 
 async def steady_patches(

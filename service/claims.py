@@ -26,7 +26,7 @@ from .auth import owner_filter
 from .changes import CHANGES
 from .database import DB, Doc
 from .errors import Conflict, NotFound
-from .http import json_response, path_id, read_body, record_response
+from .http import client_gone, json_response, path_id, read_body, record_response
 from .jobs import enter_status
 from .lifecycle import LEASE_EXPIRED, TaskStatus, cancelled, lease_problem
 from .metrics import CLAIMS, JOBS_ENDED_BY_SWEEPER
@@ -188,19 +188,12 @@ async def claim(request: web.Request) -> web.Response:
         async with wakeups.slot():
             while job is None and (left := deadline - loop.time()) > 0:
                 await wakeups.wait(left)
-                if _gone(request):  # aiohttp runs on for a client that left: take nothing
+                if client_gone(request):  # aiohttp runs on for a client that left: take nothing
                     return web.Response(status=204)
                 job = await claim_job(db, body, owner)
     if job is None:
         return web.Response(status=204)
     return record_response(public_job(job))
-
-
-def _gone(request: web.Request) -> bool:
-    """Whether the client has closed the connection (a claim then must not take a job,
-    which would stay RUNNING under a lease nobody renews)."""
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 @routes.post("/jobs/{job_id}/heartbeat")

@@ -27,6 +27,7 @@ from .auth import owner_filter
 from .changes import CATCH_UPS, CHANGES, HISTORY_LOST, ChangeFeed, JobEvent, job_event
 from .database import DB, Doc, make_client
 from .errors import RETRY_AFTER_S, BadRequest, CannotWatch
+from .http import GONE_CHECK_S, client_gone
 from .metrics import EVENT_STREAMS, EVENT_STREAMS_DROPPED
 from .pagination import FilterKind, parse_filters
 from .settings import SETTINGS, Settings
@@ -76,24 +77,30 @@ def event_scope(request: web.Request) -> Scope:
 
 
 class Sender:
-    """Writes to one stream; a write still stuck when the stream fell out of the backlog
-    is given up (the client is too slow), so no stuck client holds more than one chunk."""
+    """Writes to one stream. A write the client does not take is given up (the client is
+    too slow) once the stream fell out of the backlog meanwhile, or, for a write with no
+    backlog position (a heartbeat, a catch-up event), after EVENTS_HEARTBEAT_S; so a stuck
+    client holds at most one chunk, and its place, only that long."""
 
-    def __init__(self, request: web.Request, response: web.StreamResponse, feed: ChangeFeed):
-        self.request, self.response, self.feed = request, response, feed
+    def __init__(
+        self, request: web.Request, response: web.StreamResponse, feed: ChangeFeed, end: float
+    ) -> None:
+        self.request, self.response, self.feed, self.end = request, response, feed, end
         self.heartbeat_s = request.app[SETTINGS].events_heartbeat_s
         self.last_write = asyncio.get_running_loop().time()
 
     async def send(self, data: bytes, needed: int | None = None) -> None:
         """Write `data`; `needed`: the backlog position the stream reads next."""
-        self.last_write = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self.last_write = loop.time()
         if not self.request.protocol.writing_paused:
             await self.response.write(data)  # does not wait: the socket takes it
             return
         write = asyncio.ensure_future(self.response.write(data))
         while not write.done():
             await asyncio.wait({write}, timeout=self.heartbeat_s)
-            if not write.done() and needed is not None and needed < self.feed.first:
+            behind = needed is None or needed < self.feed.first
+            if not write.done() and (behind or self.feed.closing or loop.time() > self.end):
                 write.cancel()
                 raise too_slow()
         write.result()
@@ -160,8 +167,10 @@ async def follow(sender: Sender, seq: int, scope: Scope, deadline: float) -> Non
         if data:
             await sender.send(data, needed=seq)
             continue
-        wait = min(sender.heartbeat_s, deadline - loop.time())
+        wait = min(sender.heartbeat_s, deadline - loop.time(), GONE_CHECK_S)
         if not await feed.wait_new(seq, wait):
+            if client_gone(sender.request):
+                return  # its place frees now, not at the next heartbeat
             await sender.heartbeat_if_due()
 
 
@@ -216,8 +225,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             }
         )
         response.force_close()  # the connection ends with the stream: no reuse after it
-        sender = Sender(request, response, feed)
         deadline = asyncio.get_running_loop().time() + settings.events_max_s
+        sender = Sender(request, response, feed, deadline)
         EVENT_STREAMS.inc()
         try:
             await response.prepare(request)

@@ -121,6 +121,16 @@ def wait_param(request: web.Request) -> float:
     return seconds
 
 
+GONE_CHECK_S = 1.0  # a waiting request looks this often whether its client went away
+
+
+def client_gone(request: web.Request) -> bool:
+    """Whether the client closed the connection (aiohttp does not cancel the handler then):
+    a request waiting for it must stop, and free its place."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def conditional_get(
     request: web.Request,
     read: Callable[[], Awaitable[dict[str, Any]]],
@@ -144,9 +154,9 @@ async def conditional_get(
         if changed is not None and unchanged(doc):
             async with request.app[WAKEUPS].slot():
                 while unchanged(doc) and (left := deadline - loop.time()) > 0:
-                    if feed.closing:
+                    if feed.closing or client_gone(request):
                         break
-                    await feed.wait_changed(changed, left)
+                    await feed.wait_changed(changed, min(left, GONE_CHECK_S))
                     feed.forget(key, changed)
                     changed = feed.changed(key)
                     doc = await read()
