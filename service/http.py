@@ -157,6 +157,8 @@ async def conditional_get(
                     if feed.closing or client_gone(request):
                         break
                     await feed.wait_changed(changed, min(left, GONE_CHECK_S))
+                    if feed.available and not changed.done():
+                        continue  # no change: it only woke to see if the client is there
                     feed.forget(key, changed)
                     changed = feed.changed(key)
                     doc = await read()

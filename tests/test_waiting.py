@@ -10,7 +10,7 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
-from service import wakeups
+from service import deployments, wakeups
 from service.app import create_app
 from service.settings import Settings
 from tests.helpers import Client, Users, create_deployment, create_job
@@ -180,3 +180,21 @@ async def test_a_job_created_through_another_instance_wakes_a_waiting_claim(
     resp = await asyncio.wait_for(claim, 25)
     assert resp.status == 200 and (await resp.json())["job_id"] == job["job_id"]
     assert time.monotonic() - created_at < 5
+
+
+async def test_a_wait_reads_the_record_again_only_after_a_change(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dep = await create_deployment(client)
+    await asyncio.sleep(0.5)  # its creation's change has reached the feed (it wakes waiters)
+    reads: list[int] = []
+    real = deployments.get_checked
+
+    async def counted(*args: Any) -> Any:
+        reads.append(1)
+        return await real(*args)
+
+    monkeypatch.setattr(deployments, "get_checked", counted)
+    path = f"/deployments/{dep['deployment_id']}?wait_s=2.5"
+    status, _, _, _ = await timed_get(client, path, '"1"')
+    assert status == 304 and len(reads) == 1  # not once a second while it waited
