@@ -10,7 +10,7 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
-from service import deployments, wakeups
+from service import store, wakeups
 from service.app import create_app
 from service.settings import Settings
 from tests.helpers import Client, Users, create_deployment, create_job
@@ -188,13 +188,13 @@ async def test_a_wait_reads_the_record_again_only_after_a_change(
     dep = await create_deployment(client)
     await asyncio.sleep(0.5)  # its creation's change has reached the feed (it wakes waiters)
     reads: list[int] = []
-    real = deployments.get_checked
+    real = store.get_checked
 
     async def counted(*args: Any) -> Any:
         reads.append(1)
         return await real(*args)
 
-    monkeypatch.setattr(deployments, "get_checked", counted)
+    monkeypatch.setattr("service.deployments.get_checked", counted)
     path = f"/deployments/{dep['deployment_id']}?wait_s=2.5"
     status, _, _, _ = await timed_get(client, path, '"1"')
     assert status == 304 and len(reads) == 1  # not once a second while it waited
