@@ -190,6 +190,8 @@ async def claim(request: web.Request) -> web.Response:
                 await wakeups.wait(left)
                 if client_gone(request):  # aiohttp runs on for a client that left: take nothing
                     return web.Response(status=204)
+                if request.app[CHANGES].closing:  # SIGTERM: no job now; claim elsewhere
+                    return web.Response(status=204)
                 job = await claim_job(db, body, owner)
     if job is None:
         return web.Response(status=204)

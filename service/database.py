@@ -35,7 +35,7 @@ Doc = dict[str, Any]
 INIT_TIMEOUT_S = 600.0  # index builds at start (see init_database)
 
 
-def make_client(url: str, settings: Settings) -> AsyncMongoClient[Doc]:
+def make_client(url: str, settings: Settings, *, timed: bool = True) -> AsyncMongoClient[Doc]:
     """The one client per process. Every wait is bounded, so no request hangs on the database:
     finding a server and connecting (MONGODB_TIMEOUT_MS), and each reply
     (MONGODB_OPERATION_TIMEOUT_MS as socketTimeoutMS: a frozen database does not hang us).
@@ -43,7 +43,7 @@ def make_client(url: str, settings: Settings) -> AsyncMongoClient[Doc]:
     Not timeoutMS: with it pymongo waits the whole timeoutMS, not serverSelectionTimeoutMS,
     for an unreachable database. Code with a longer wait in mind (a big aggregation) wraps
     it in `pymongo.timeout(seconds)`, which takes precedence. Every command is timed for
-    /metrics.
+    /metrics (`timed`; not a change stream's, whose reads wait for changes on purpose).
     """
     return AsyncMongoClient(
         url,
@@ -53,7 +53,7 @@ def make_client(url: str, settings: Settings) -> AsyncMongoClient[Doc]:
         connectTimeoutMS=settings.mongodb_timeout_ms,
         socketTimeoutMS=settings.mongodb_operation_timeout_ms or None,
         appname="jobservice",
-        event_listeners=[COMMAND_METRICS],
+        event_listeners=[COMMAND_METRICS] if timed else [],
     )
 
 

@@ -31,7 +31,7 @@ from .http import GONE_CHECK_S, client_gone
 from .metrics import EVENT_STREAMS, EVENT_STREAMS_DROPPED
 from .pagination import FilterKind, parse_filters
 from .settings import SETTINGS, Settings
-from .wakeups import Limit
+from .wakeups import WAKEUPS, Limit
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -260,7 +260,7 @@ async def changes_ctx(app: web.Application) -> AsyncIterator[None]:
     # Its own connections: a change stream holds one in every wait for changes, which must
     # not take the requests' (MONGODB_POOL_SIZE). One for the feed, one per catch-up.
     pool = settings.model_copy(update={"mongodb_pool_size": CATCH_UPS + 1})
-    client = make_client(app[DB].url, pool)
+    client = make_client(app[DB].url, pool, timed=False)
     feed = app[CHANGES] = ChangeFeed(client[settings.mongodb_db], settings)
     app[STREAMS] = Limit(settings.max_streams, "event streams are open", "MAX_STREAMS")
     reader = asyncio.create_task(feed.run())
@@ -276,3 +276,4 @@ async def changes_ctx(app: web.Application) -> AsyncIterator[None]:
 async def end_waits(app: web.Application) -> None:
     """On SIGTERM, before in-flight requests are waited for: streams and waits end now."""
     app[CHANGES].close()
+    app[WAKEUPS].notify()  # waiting claims see `closing` and answer 204

@@ -385,7 +385,7 @@ async def test_a_slow_client_is_dropped_without_slowing_a_fast_one(
 # --- SIGTERM ----------------------------------------------------------------------------
 
 
-async def test_sigterm_ends_streams_and_waits_at_once(tmp_path: Path) -> None:
+async def test_sigterm_ends_streams_and_every_wait_at_once(tmp_path: Path) -> None:
     with running(start_service(tmp_path, "svc", DATA_DIR=str(tmp_path / "data"))) as service:
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{service.url}/deployments", json={"user_id": "a"}) as resp:
@@ -402,6 +402,14 @@ async def test_sigterm_ends_streams_and_waits_at_once(tmp_path: Path) -> None:
                         headers={"If-None-Match": '"1"'},
                     )
                 )
+                elsewhere = {
+                    "executor": "e",
+                    "wait_s": 60,
+                    "deployment_id": dep["deployment_id"] + 1,
+                }
+                claiming = asyncio.ensure_future(  # nothing due for it: it waits
+                    http.post(f"{service.url}/jobs/claim", json=elsewhere)
+                )
                 await asyncio.sleep(0.5)
                 started = time.monotonic()
                 service.proc.send_signal(signal.SIGTERM)
@@ -409,5 +417,7 @@ async def test_sigterm_ends_streams_and_waits_at_once(tmp_path: Path) -> None:
                 assert ev.name == "end" and "stopping" in ev.data["reason"]
                 answer = await asyncio.wait_for(waiting, 10)
                 assert answer.status == 304  # unchanged: answered now, not after 60 s
+                claimed = await asyncio.wait_for(claiming, 10)
+                assert claimed.status == 204  # no job: the executor claims elsewhere
                 assert time.monotonic() - started < 5
         assert service.proc.wait(30) == 0  # a clean exit (a second SIGTERM would not be)
