@@ -101,7 +101,11 @@ def job_event(change: Doc) -> JobEvent | None:
         if doc is None:
             return None
         user_id, deployment_id = doc.get("user_id"), doc.get("deployment_id")
-        data = public_job(doc)
+        try:
+            data = public_job(doc)
+        except Exception:  # a job document the service did not write: skip, keep watching
+            log.exception("cannot show the change of job %r", job_id)
+            return None
     frame = b"id: %s\nevent: job\ndata: %s\n\n" % (token.encode(), orjson.dumps(data))
     return JobEvent(token, job_id, user_id, deployment_id, frame)
 
@@ -112,6 +116,7 @@ class ChangeFeed:
         self._max_events = settings.events_backlog
         self._max_bytes = settings.events_backlog_mib * 1024 * 1024
         self.available = False
+        self.cannot_watch = False  # the database refused to stream changes (no replica set)
         self.reason = "the service is still starting to watch the database"
         self.closing = False  # the service is stopping: every wait ends now
         self.generation = 0  # +1 when the stream had to start afresh: positions before mean nothing
@@ -241,7 +246,7 @@ class ChangeFeed:
                 async with await self._db.watch(
                     PIPELINE, start_after=token, **self._options()
                 ) as stream:
-                    self.available = True
+                    self.available, self.cannot_watch = True, False
                     self.started.set()
                     while not self._stop.is_set():
                         change = await stream.try_next()
@@ -262,7 +267,7 @@ class ChangeFeed:
         self, exc: OperationFailure, token: Mapping[str, Any] | None
     ) -> Mapping[str, Any] | None:
         if exc.code == NO_REPLICA_SET:
-            self.available = False
+            self.available, self.cannot_watch = False, True
             self.reason = "this database cannot stream changes (it is not a replica set)"
             log.warning("%s: /events answers 503, waiting GETs poll", self.reason)
             return None
@@ -291,11 +296,7 @@ class ChangeFeed:
         is_new = change["operationType"] in ("insert", "replace")
         if key[0] == "jobs" and is_new and doc.get("task_status") == "PENDING":
             self.on_pending()
-        try:
-            event = job_event(change)
-        except Exception:  # a job document the service did not write: skip, keep watching
-            log.exception("cannot show the change of job %r", key[1])
-            return
+        event = job_event(change)
         if event is not None:
             self._append(event)
             if not self._wake_soon:  # once per batch the stream read, not once per event

@@ -210,7 +210,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     scope = event_scope(request)
     feed, settings = request.app[CHANGES], request.app[SETTINGS]
     if not feed.available:
-        raise CannotWatch(f"/events is unavailable: {feed.reason}.", headers=_retry(feed))
+        retry = {} if feed.cannot_watch else {"Retry-After": RETRY_AFTER_S}  # it may start yet
+        raise CannotWatch(f"/events is unavailable: {feed.reason}.", headers=retry)
     async with request.app[STREAMS].slot():
         last_id = request.headers.get("Last-Event-ID", "").strip() or None
         start = start_point(feed, last_id)
@@ -248,10 +249,6 @@ async def events(request: web.Request) -> web.StreamResponse:
             if private is not None:
                 await feed.end_catch_up(private)
     return response
-
-
-def _retry(feed: ChangeFeed) -> dict[str, str]:
-    return {} if feed.reason.startswith("this database cannot") else {"Retry-After": RETRY_AFTER_S}
 
 
 async def changes_ctx(app: web.Application) -> AsyncIterator[None]:
